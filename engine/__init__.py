@@ -1,0 +1,1 @@
+"""finetui engine: headless fine-tuning (config, models, data, strategies, freeze map, training, events)."""

@@ -1,0 +1,205 @@
+"""The headless command line: `finetui run | inspect | eval | presets`.
+
+Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr, never a traceback),
+130/143 stopped by SIGINT/SIGTERM (the run is checkpointed and resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+
+from engine.config import ConfigError, RunConfig, load_config, read_preset_file
+from engine.sinks import EventSink, JsonLinesSink, RichProgressSink, freeze_map_table, memory_table
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+SUBCOMMANDS = ("run", "inspect", "eval", "presets")
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+def bundled_presets() -> list[Path]:
+    return sorted(PRESETS_DIR.glob("*.toml"))
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset file path, or the name of a bundled preset (`quickstart` -> presets/quickstart.toml)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    bundled = PRESETS_DIR / f"{name_or_path}.toml"
+    if bundled.is_file():
+        return bundled
+    names = ", ".join(p.stem for p in bundled_presets())
+    raise ConfigError(f"{name_or_path}: no such preset file or bundled preset (bundled: {names})")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    shortcuts = []
+    if getattr(args, "model", None):
+        shortcuts.append(f"model.id={json.dumps(args.model)}")
+    if getattr(args, "strategy", None):
+        shortcuts.append(f"strategy.kind={args.strategy}")
+    return [*shortcuts, *args.set]
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.trainer import run_training
+
+    config = load_config(resolve_preset(args.preset), _overrides(args))
+    sink: EventSink = JsonLinesSink() if args.json else RichProgressSink()
+    stop_event = threading.Event()
+    received: list[int] = []
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        stop_event.set()
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+    result = run_training(config, sink, output_dir=args.output_dir, stop_event=stop_event)
+    if result.status == "stopped" and received:
+        return 128 + received[0]
+    return result.exit_code
+
+
+def inspect_config(config: RunConfig) -> dict[str, Any]:
+    """The freeze map and memory estimate of a config, built on the meta device (no weights loaded)."""
+    from engine.freeze_map import compute_freeze_map
+    from engine.models import build_meta_model
+    from engine.strategies import get_strategy
+
+    strategy = get_strategy(config.strategy, config.model.task)
+    num_labels = (config.model.num_labels or 2) if config.model.task == "classification" else None
+    model = strategy.prepare_meta(build_meta_model(config.model, num_labels=num_labels))
+    freeze_map = compute_freeze_map(
+        model,
+        batch_size=config.train.batch_size,
+        seq_len=config.data.max_length,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+    )
+    return {"model": config.model.id, "strategy": config.strategy.kind, **freeze_map.to_dict()}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if not args.preset and not args.model:
+        raise ConfigError("inspect needs a preset or --model (e.g. finetui inspect --model builtin:minilm-l6)")
+    config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
+    report = inspect_config(config)
+    if args.json:
+        _print_json(report)
+        return 0
+    console = Console()
+    console.print(f"[bold]{report['model']}[/] with strategy [bold]{report['strategy']}[/]")
+    console.print(freeze_map_table(report))
+    if report.get("memory"):
+        console.print(memory_table(report["memory"]))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from engine.trainer import evaluate_run
+
+    metrics = evaluate_run(Path(args.run_dir), args.data, args.set)
+    if args.json:
+        _print_json(metrics)
+    else:
+        Console().print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _section_keys(section: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
+    rows = []
+    for name, field in section.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(_section_keys(annotation, f"{prefix}{name}."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", repr(default), field.description or ""))
+    return rows
+
+
+def preset_keys() -> list[tuple[str, str, str]]:
+    """Every preset key with its default and description, from the pydantic models themselves."""
+    return _section_keys(RunConfig, "")
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    console = Console(highlight=False)
+    if args.keys:
+        for key, default, description in preset_keys():
+            console.print(f"[bold]{key}[/] = {default}  [dim]{description}[/]")
+        return 0
+    for path in bundled_presets():
+        data = read_preset_file(path)
+        model = data.get("model", {}).get("id", "")
+        strategy = data.get("strategy", {}).get("kind", "")
+        console.print(f"[bold]{path.stem:<28}[/] {strategy:<12} {model:<32} {data.get('description', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetui", description="Fine-tune language models: headless commands.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    set_help = "override a preset key, e.g. --set train.lr=2e-4 (repeatable; see `finetui presets --keys`)"
+
+    run = sub.add_parser("run", help="train a preset", description="Train, evaluate and save a run.")
+    run.add_argument("preset", help="preset file or bundled preset name (see `finetui presets`)")
+    run.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
+    run.add_argument("--output-dir", type=Path, default=None, help="parent of the run directory (train.output_dir)")
+    run.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    run.set_defaults(handler=cmd_run)
+
+    inspect = sub.add_parser("inspect", help="freeze map and memory estimate, without training")
+    inspect.add_argument("preset", nargs="?", help="preset file or bundled preset name")
+    inspect.add_argument("--model", help="model id: hub id, local dir, .gguf file or builtin:NAME")
+    inspect.add_argument("--strategy", help="strategy kind (short for --set strategy.kind=S)")
+    inspect.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
+    inspect.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    evaluate = sub.add_parser("eval", help="score a finished run's model on a data file")
+    evaluate.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
+    evaluate.add_argument("--data", required=True, help="data file (csv, tsv, json, jsonl, parquet) or hub id")
+    evaluate.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
+    evaluate.add_argument("--json", action="store_true", help="one JSON object of metrics on stdout")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    presets = sub.add_parser("presets", help="list the bundled presets")
+    presets.add_argument("--keys", action="store_true", help="list every preset key with its default")
+    presets.set_defaults(handler=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"finetui: error: {exc}\n")
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        if os.environ.get("FINETUI_DEBUG"):
+            raise
+        sys.stderr.write(
+            f"finetui: internal error: {type(exc).__name__}: {exc} (FINETUI_DEBUG=1 shows the traceback)\n"
+        )
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

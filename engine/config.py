@@ -1,0 +1,263 @@
+"""Run configuration: pydantic models read from TOML presets and `--set` overrides.
+
+One `RunConfig` describes a whole run (model, data, strategy, training). The CLI, the TUI and the
+tests build it the same way, so a bad field is reported identically everywhere: one line that
+names the field (`ConfigError`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+StrategyKind = Literal["feature", "head", "last_layers", "full", "lora", "dora", "qlora"]
+STRATEGY_KINDS: tuple[str, ...] = StrategyKind.__args__  # type: ignore[attr-defined]
+PATH_FIELDS = (("data", "train"), ("data", "validation"), ("data", "test"), ("model", "id"))
+
+
+class ConfigError(ValueError):
+    """A user mistake in a preset or an override: the message is one line meant for people."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    id: str = "builtin:minilm-l6"
+    """Hub id, local directory, `.gguf` file, or `builtin:NAME` (see `finetui inspect --help`)."""
+    task: Literal["classification", "causal"] = "classification"
+    """`classification` (sequence classification, labels from the data) or `causal` (causal LM)."""
+    num_labels: int | None = Field(default=None, ge=2)
+    """Number of classes; inferred from the training labels when unset."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless a preset asks for it (a warning is logged)."""
+
+
+class DataConfig(_Section):
+    train: str = ""
+    """Training data: a local file (csv, tsv, json, jsonl, parquet) or a hub dataset id."""
+    validation: str | None = None
+    """Validation data (file or hub split name); when unset, carved from train by `validation_fraction`."""
+    test: str | None = None
+    """Held-out test data (file or hub split name), scored once at the end."""
+    config_name: str | None = None
+    """Hub dataset configuration (subset) name."""
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"] = "auto"
+    """File format; `auto` goes by the file extension."""
+    header: bool | None = None
+    """Whether csv/tsv files have a header row; `None` detects it."""
+    text_field: str = "text"
+    """Column holding the input text (classification, or plain-text causal data)."""
+    label_field: str = "label"
+    """Column holding the label (integers or strings; strings are mapped to ids, names kept)."""
+    instruction_field: str = "instruction"
+    """Instruction column of Alpaca-style causal data."""
+    input_field: str = "input"
+    """Optional input/context column of Alpaca-style causal data."""
+    output_field: str = "output"
+    """Response column of Alpaca-style causal data."""
+    prompt_field: str = "prompt"
+    """Prompt column of prompt/response causal data."""
+    response_field: str = "response"
+    """Response column of prompt/response causal data."""
+    template: Literal["alpaca", "chat", "none"] = "alpaca"
+    """Causal prompt format: Alpaca template, the tokenizer's chat template, or the raw text field."""
+    validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    """Share of train carved out (seeded by `train.seed`) when no validation data is given."""
+    max_length: int = Field(default=256, ge=8, le=131072)
+    """Tokens per example; longer examples are truncated."""
+    max_train_samples: int | None = Field(default=None, ge=1)
+    """Use only the first N training rows after shuffling (quick runs)."""
+    max_eval_samples: int | None = Field(default=None, ge=1)
+    """Use only the first N validation and test rows (quick runs)."""
+
+
+class StrategyConfig(_Section):
+    kind: StrategyKind = "lora"
+    """feature, head, last_layers, full, lora, dora or qlora."""
+    layers: int = Field(default=2, ge=1)
+    """`last_layers`: how many of the last transformer blocks train with the output layers."""
+    r: int = Field(default=8, ge=1, le=4096)
+    """LoRA rank."""
+    alpha: float = Field(default=16, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "auto"
+    """`auto` (attention query/value projections), `all-linear`, or a list of module names."""
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    """`feature`: how token embeddings become one vector (`auto`: mean for encoders, last for decoders)."""
+    classifier_c: float = Field(default=1.0, gt=0)
+    """`feature`: inverse regularisation strength C of the logistic regression."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """`qlora`: 4-bit data type."""
+    double_quant: bool = True
+    """`qlora`: quantise the quantisation constants too (saves ~0.4 bit per parameter)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_target_form(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value not in ("auto", "all-linear"):
+            raise ValueError('must be "auto", "all-linear" or a list of module names')
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be an empty list")
+        return value
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(default=1.0, gt=0)
+    """Passes over the training data (ignored when `max_steps` is set)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps to run; overrides `epochs`."""
+    batch_size: int = Field(default=16, ge=1)
+    """Examples per device per forward pass."""
+    eval_batch_size: int | None = Field(default=None, ge=1)
+    """Examples per evaluation batch; defaults to twice `batch_size`."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Gradient accumulation steps: the effective batch is batch_size x grad_accum x processes."""
+    lr: float = Field(default=5e-5, gt=0, le=1.0)
+    """Peak learning rate (AdamW)."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Share of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
+    """Gradient clipping norm (0 turns clipping off)."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and the validation split."""
+    eval_steps: int | None = Field(default=None, ge=1)
+    """Evaluate every N steps; when unset, at the end of each epoch."""
+    logging_steps: int = Field(default=10, ge=1)
+    """Emit a step event (loss, lr, speed) every N optimizer steps."""
+    save_steps: int | None = Field(default=None, ge=1)
+    """Checkpoint every N steps; when unset, at the end of each epoch."""
+    save_total_limit: int | None = Field(default=2, ge=1)
+    """Keep only the last K checkpoints."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: fp32 on CPU, bf16 on GPUs that support it. Pure fp16 is refused (it diverges)."""
+    output_dir: str = "runs"
+    """Where run directories (`<name>-<timestamp>/`) are created."""
+
+    @field_validator("precision")
+    @classmethod
+    def _refuse_fp16(cls, value: str) -> str:
+        if value == "fp16":
+            raise ValueError("pure fp16 training diverges (Raschka's IMDB run fell to 50%); use auto, bf16 or fp32")
+        return value
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    """Run name: the run directory is `<output_dir>/<name>-<timestamp>/`."""
+    description: str = ""
+    """Free text shown by `finetui presets`."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_directory_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("must be a plain name usable as a directory name")
+        return value
+
+    @model_validator(mode="after")
+    def _strategy_fits_task(self) -> RunConfig:
+        if self.strategy.kind == "feature" and self.model.task != "classification":
+            raise ValueError("strategy.kind: feature needs model.task = classification")
+        return self
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """The first problem of a pydantic error as one line: `field: what is wrong (got value)`."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "preset"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{location}: unknown key (check the spelling; `finetui presets --keys` lists them)"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    prefix = "" if message.startswith(location) else f"{location}: "
+    return f"{prefix}{message}{shown}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value), the value read as TOML when it parses."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=2e-4")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of a raw preset dict with `--set` overrides applied."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        target = merged
+        for part in path[:-1]:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            target[part] = child = dict(child)
+            target = child
+        target[path[-1]] = value
+    return merged
+
+
+def read_preset_file(path: Path) -> dict[str, Any]:
+    """Parse a preset TOML file; relative paths inside it are resolved against its folder."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such preset file (see `finetui presets`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the preset ({exc})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    for section, key in PATH_FIELDS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = path.parent / value
+            if candidate.exists():
+                data[section][key] = str(candidate.resolve())
+    return data
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Validate a raw dict (plus `--set` overrides) into a RunConfig, or raise one-line ConfigError."""
+    merged = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(preset: Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig from an optional preset file and `--set` overrides."""
+    data = read_preset_file(preset) if preset is not None else {}
+    return build_config(data, overrides)
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain TOML-ready data (None values dropped: TOML has no null)."""
+    return config.model_dump(mode="json", exclude_none=True)

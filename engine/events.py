@@ -1,0 +1,114 @@
+"""Typed engine events: the only thing the engine tells the outside world while it works.
+
+Every event is a frozen, JSON-serialisable dataclass with a `type` tag and a wall-clock `time`.
+The TUI, the CLI and the tests are sinks of the same stream, and `events.jsonl` in a run
+directory is that stream written down, so any view of a run can be rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    type: ClassVar[str] = "event"
+    time: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunStarted(Event):
+    type: ClassVar[str] = "run_started"
+    run_dir: str
+    name: str
+    model: str
+    strategy: str
+    task: str
+    config: dict[str, Any]
+    resumed_from_step: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Log(Event):
+    type: ClassVar[str] = "log"
+    level: str  # "info" | "warning" | "error"
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class FreezeMapReady(Event):
+    type: ClassVar[str] = "freeze_map"
+    freeze_map: dict[str, Any]  # FreezeMap.to_dict(): totals, layers, memory
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step(Event):
+    type: ClassVar[str] = "step"
+    step: int
+    max_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    grad_norm: float | None
+    samples_per_second: float
+    tokens_per_second: float
+    elapsed_s: float
+    eta_s: float | None
+    memory_rss_mb: float | None = None
+    gpu_memory_mb: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Eval(Event):
+    type: ClassVar[str] = "eval"
+    step: int
+    epoch: float
+    split: str  # "validation" | "test"
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint(Event):
+    type: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunFinished(Event):
+    type: ClassVar[str] = "run_finished"
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunFailed(Event):
+    type: ClassVar[str] = "run_failed"
+    error: str
+    user_error: bool  # True: bad input (exit code 2); False: training failed (exit code 1)
+    step: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunStopped(Event):
+    type: ClassVar[str] = "run_stopped"
+    step: int
+    checkpoint: str | None
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls
+    for cls in (RunStarted, Log, FreezeMapReady, Step, Eval, Checkpoint, RunFinished, RunFailed, RunStopped)
+}
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """Rebuild an event from its `to_dict()` form (unknown keys from newer versions are dropped)."""
+    cls = EVENT_TYPES[data["type"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})

@@ -1,0 +1,34 @@
+"""Shared test setup: offline hub, a per-session model cache, and paths to the shared real data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["FINETUI_CACHE"] = tempfile.mkdtemp(prefix="finetui-test-cache-")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+QUICKSTART_DATA = ROOT / "presets" / "data" / "quickstart"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = SHARED / "data"
+    if not path.is_dir():
+        pytest.skip(f"{path} is not there (the shared real datasets sit beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_configs() -> Path:
+    path = SHARED / "configs"
+    if not path.is_dir():
+        pytest.skip(f"{path} is not there (the shared model configs sit beside the repository)")
+    return path

@@ -58,7 +58,7 @@ def _print_json(data: Any) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.trainer import run_training
 
-    config = load_config(resolve_preset(args.preset), _overrides(args))
+    config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
     sink: EventSink = JsonLinesSink() if args.json else RichProgressSink()
     stop_event = threading.Event()
     received: list[int] = []
@@ -79,9 +79,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def inspect_config(config: RunConfig) -> dict[str, Any]:
     """The freeze map and memory estimate of a config, built on the meta device (no weights loaded)."""
     from engine.freeze_map import compute_freeze_map
-    from engine.models import build_meta_model
+    from engine.models import build_meta_model, resolve_task
     from engine.strategies import get_strategy
+    from engine.trainer import quiet_library_output
 
+    quiet_library_output()
+    config = config.with_task(resolve_task(config.model))
     strategy = get_strategy(config.strategy, config.model.task)
     num_labels = (config.model.num_labels or 2) if config.model.task == "classification" else None
     model = strategy.prepare_meta(build_meta_model(config.model, num_labels=num_labels))
@@ -158,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     set_help = "override a preset key, e.g. --set train.lr=2e-4 (repeatable; see `finetui presets --keys`)"
 
     run = sub.add_parser("run", help="train a preset", description="Train, evaluate and save a run.")
-    run.add_argument("preset", help="preset file or bundled preset name (see `finetui presets`)")
+    run.add_argument("preset", nargs="?", help="preset file or bundled preset name (see `finetui presets`)")
+    run.add_argument("--model", help="model id (short for --set model.id=M)")
+    run.add_argument("--strategy", help="strategy kind (short for --set strategy.kind=S)")
     run.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
     run.add_argument("--output-dir", type=Path, default=None, help="parent of the run directory (train.output_dir)")
     run.add_argument("--json", action="store_true", help="JSON lines of events on stdout")

@@ -29,8 +29,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     id: str = "builtin:minilm-l6"
     """Hub id, local directory, `.gguf` file, or `builtin:NAME` (see `finetui inspect --help`)."""
-    task: Literal["classification", "causal"] = "classification"
-    """`classification` (sequence classification, labels from the data) or `causal` (causal LM)."""
+    task: Literal["auto", "classification", "causal"] = "auto"
+    """`classification` (labels from the data), `causal` (causal LM), or `auto`: causal for models whose config
+    names a `...ForCausalLM` architecture, classification otherwise."""
     num_labels: int | None = Field(default=None, ge=2)
     """Number of classes; inferred from the training labels when unset."""
     revision: str | None = None
@@ -73,9 +74,9 @@ class DataConfig(_Section):
     max_length: int = Field(default=256, ge=8, le=131072)
     """Tokens per example; longer examples are truncated."""
     max_train_samples: int | None = Field(default=None, ge=1)
-    """Use only the first N training rows after shuffling (quick runs)."""
+    """Use only a seeded random N of the training rows (quick runs)."""
     max_eval_samples: int | None = Field(default=None, ge=1)
-    """Use only the first N validation and test rows (quick runs)."""
+    """Use only a seeded random N of the validation and test rows (quick runs)."""
 
 
 class StrategyConfig(_Section):
@@ -175,9 +176,13 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _strategy_fits_task(self) -> RunConfig:
-        if self.strategy.kind == "feature" and self.model.task != "classification":
+        if self.strategy.kind == "feature" and self.model.task == "causal":
             raise ValueError("strategy.kind: feature needs model.task = classification")
         return self
+
+    def with_task(self, task: str) -> RunConfig:
+        """This config with `model.task` resolved (`auto` replaced by what the model is)."""
+        return build_config(config_to_dict(self), [f"model.task={task}"])
 
 
 def format_validation_error(error: ValidationError) -> str:

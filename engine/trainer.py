@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import tempfile
 import threading
 import time
 import traceback
@@ -17,22 +19,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets
 import numpy as np
 import psutil
 import torch
+import transformers
+from peft import PeftModel
 from sklearn.metrics import accuracy_score, f1_score
-from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
+from transformers import EvalPrediction, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from engine import data as data_lib
 from engine import models
 from engine.config import ConfigError, RunConfig
 from engine.events import Checkpoint, Eval, FreezeMapReady, Log, RunFailed, RunFinished, RunStarted, RunStopped, Step
 from engine.freeze_map import compute_freeze_map
-from engine.runs import CHECKPOINTS_DIR, ERROR_FILE, EVENTS_FILE, MODEL_DIR, create_run_dir, write_summary
+from engine.runs import (
+    CHECKPOINTS_DIR,
+    ERROR_FILE,
+    EVENTS_FILE,
+    MODEL_DIR,
+    create_run_dir,
+    load_run_config,
+    read_summary,
+    write_summary,
+)
 from engine.sinks import EventSink, FanoutSink, JsonlFileSink
 from engine.strategies import Strategy, get_strategy
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 LOGGERS_BRIDGED = ("transformers", "peft", "accelerate", "engine")
 
 
@@ -69,7 +84,7 @@ def _predicted_class(logits: Any, labels: torch.Tensor) -> torch.Tensor:
 
 def _split_metrics(metrics: dict[str, float], prefix: str, task: str) -> dict[str, float]:
     """Trainer's `eval_loss`-style keys without prefix or bookkeeping, plus perplexity for causal LMs."""
-    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time")
     clean = {k.removeprefix(f"{prefix}_"): float(v) for k, v in metrics.items() if k.startswith(f"{prefix}_")}
     clean = {k: v for k, v in clean.items() if k not in skip}
     if task == "causal" and "loss" in clean:
@@ -148,7 +163,18 @@ class _LogBridge(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         level = "error" if record.levelno >= logging.ERROR else "warning"
-        self.sink.emit(Log(level=level, message=f"{record.name}: {record.getMessage()}"))
+        message = ANSI_ESCAPE.sub("", record.getMessage()).strip()
+        self.sink.emit(Log(level=level, message=f"{record.name}: {message}"))
+
+
+def quiet_library_output() -> None:
+    """Library progress bars and log lines would interleave with the CLI's view and the JSON on stdout.
+
+    Warnings still reach the user: `_LogBridge` turns them into `log` events during a run.
+    """
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_default_handler()
 
 
 def training_arguments(config: RunConfig, output_dir: Path, *, device: str, precision: str) -> TrainingArguments:
@@ -181,8 +207,8 @@ def training_arguments(config: RunConfig, output_dir: Path, *, device: str, prec
         disable_tqdm=True,
         bf16=precision == "bf16",
         use_cpu=device == "cpu",
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="group_by_length",
         remove_unused_columns=False,
@@ -275,6 +301,7 @@ def _train_with_trainer(
         preprocess_logits_for_metrics=_predicted_class if classification else None,
         callbacks=[bridge],
     )
+    trainer.remove_callback(PrinterCallback)  # the bridge reports logs as events; stdout stays clean
     output = trainer.train()
     metrics: dict[str, dict[str, float]] = {}
     if bridge.stopped_at is None:
@@ -295,9 +322,14 @@ def run_training(
 ) -> RunResult:
     """Train, evaluate and save one run; every step of the way is an event on `sink` and in events.jsonl.
 
-    Raises ConfigError only when the run directory itself cannot be created; every later problem is
-    recorded in the run directory (status `failed`) and returned.
+    Raises ConfigError only when there is no training data, the model is not found (`model.task = "auto"`
+    reads its config first) or the run directory cannot be created;
+    every later problem is recorded in the run directory (status `failed`) and returned.
     """
+    quiet_library_output()
+    if not config.data.train:
+        raise ConfigError("data.train: no training data; set it in the preset or with --set data.train=FILE")
+    config = config.with_task(models.resolve_task(config.model))
     run_dir = create_run_dir(config, output_dir)
     file_sink = JsonlFileSink(run_dir / EVENTS_FILE)
     events = FanoutSink(file_sink, sink)
@@ -415,3 +447,75 @@ def run_training(
         for name in LOGGERS_BRIDGED:
             logging.getLogger(name).removeHandler(log_bridge)
         file_sink.close()
+
+
+def evaluate_run(run_dir: Path, data_source: str, overrides: list[str] | None = None) -> dict[str, float]:
+    """Score a finished run's final model (or adapter, or feature classifier) on any data file."""
+    quiet_library_output()
+    config = load_run_config(run_dir, overrides)
+    summary = read_summary(run_dir) or {}
+    model_dir = run_dir / MODEL_DIR
+    if summary.get("status") != "finished" or not model_dir.is_dir():
+        status = summary.get("status", "unknown")
+        raise ConfigError(f"{run_dir}: no final model to evaluate (run status: {status}); eval needs a finished run")
+    task = config.model.task
+    strategy = get_strategy(config.strategy, task)
+    label_names = summary.get("label_names")
+    device = resolve_device()
+    precision = resolve_precision(config.train.precision, device)
+    tokenizer = models.load_tokenizer(config.model)
+    dataset, collator = data_lib.prepare_eval_split(
+        config.data,
+        data_source,
+        task=task,
+        tokenizer=tokenizer,
+        label_names=label_names,
+        num_labels=summary.get("num_labels"),
+    )
+    base = _load_for_strategy(
+        config,
+        strategy,
+        num_labels=summary.get("num_labels"),
+        label_names=label_names,
+        device=device,
+        precision=precision,
+    )
+    batch_size = config.train.eval_batch_size or 2 * config.train.batch_size
+    if not strategy.trains_with_trainer:
+        classifier, _ = strategy.load_classifier(model_dir)
+        features = strategy.embed(base, dataset, collator, batch_size=batch_size, pooling=config.strategy.pooling)
+        labels, predicted = np.asarray(dataset["labels"]), classifier.predict(features)
+        return {
+            "accuracy": float(accuracy_score(labels, predicted)),
+            "f1": float(f1_score(labels, predicted, average="macro")),
+            "examples": float(len(dataset)),
+        }
+    if strategy.is_peft:
+        model = PeftModel.from_pretrained(base, str(model_dir))
+    else:
+        model = models.load_model(
+            config.model.model_copy(update={"id": str(model_dir)}),
+            num_labels=summary.get("num_labels") if task == "classification" else None,
+            label_names=label_names,
+        )
+    classification = task == "classification"
+    with tempfile.TemporaryDirectory(prefix="finetui-eval-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_eval_batch_size=batch_size,
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=device == "cpu",
+            bf16=precision == "bf16",
+            remove_unused_columns=False,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            data_collator=collator,
+            compute_metrics=classification_metrics if classification else None,
+            preprocess_logits_for_metrics=_predicted_class if classification else None,
+        )
+        trainer.remove_callback(PrinterCallback)
+        metrics = _split_metrics(trainer.evaluate(dataset, metric_key_prefix="eval"), "eval", task)
+    return {**metrics, "examples": float(len(dataset))}

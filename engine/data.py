@@ -1,0 +1,614 @@
+"""Training data: read user tables (local files or hub datasets) and turn them into tokenised splits.
+
+Every strategy and the trainer need the same thing: train/validation/test sets holding only `input_ids`,
+`attention_mask` and `labels`, the label names, and a collator that pads each batch to its own longest row.
+Reading user files is also where most user mistakes happen (wrong column, stray quote, Latin-1 file), so each
+of them becomes a one-line `DataError` here instead of a pyarrow traceback deep inside training.
+
+Nothing is padded at tokenisation time: rows keep their real length so that the collator pads per batch and
+HF Trainer's `group_by_length` can measure lengths from `input_ids`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import ClassLabel, Dataset
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from engine.config import ConfigError, DataConfig
+
+FORMAT_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+INTEGER = re.compile(r"[+-]?\d+")
+DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+IGNORE_INDEX = -100
+MAP_BATCH_SIZE = 1000
+
+# Stanford Alpaca's two prompts (tatsu-lab/stanford_alpaca PROMPT_DICT) with the newline after "### Response:"
+# that its README and Alpaca-LoRA use (its train.py omits it), so the response starts on its own line.
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+Encoder = Callable[[dict[str, list[Any]]], dict[str, list[Any]]]
+Collator = Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+class DataError(ConfigError):
+    """Training data that cannot be used as given: the message is one line saying what to fix."""
+
+
+@dataclass
+class PreparedData:
+    """Tokenised splits ready for HF Trainer, plus what the model and the trainer need to know about them.
+
+    Each split has exactly the columns `input_ids`, `attention_mask` and `labels`, unpadded. `labels` is the
+    class id for classification and, for causal LM, the token ids with -100 on prompt tokens. `warnings` holds
+    one-line notes for the run log (dropped examples, a capped max_length).
+    """
+
+    train: Dataset
+    validation: Dataset
+    test: Dataset | None
+    label_names: list[str] | None
+    num_labels: int | None
+    collator: Collator
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_table(
+    source: str,
+    *,
+    fmt: str = "auto",
+    header: bool | None = None,
+    config_name: str | None = None,
+    split: str | None = None,
+) -> Dataset:
+    """Read one table: a local csv/tsv/json/jsonl/parquet file, or split `split` (default train) of a hub dataset.
+
+    `source` is a local file when it exists or looks like a path (has a data-file extension, starts with `/`,
+    `.` or `~`); otherwise a name such as `rotten_tomatoes` or `owner/name` goes to `datasets.load_dataset`
+    with `config_name`. csv/tsv headers are detected when `header` is None; headerless files get columns
+    `text`,`label` (two columns; `label`,`text` when the first one is numeric) or `column_0`, `column_1`, ...
+    JSON files hold a list of objects or one object per line; lines are split on "\\n" only, never on the
+    Unicode line breaks (U+0085, U+2028) that real text contains.
+    """
+    if not source.strip():
+        raise DataError("no data given: set data.train to a data file or a hub dataset id")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise DataError(f"{source}: is a directory; give a data file (csv, tsv, json, jsonl or parquet)")
+    if path.is_file():
+        return _read_file(path, fmt, header)
+    if not _is_hub_id(source):
+        raise DataError(f"{source}: no such file")
+    return _load_hub_split(source, config_name, split or "train")
+
+
+def prepare_data(cfg: DataConfig, *, task: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
+    """Load, subsample, check and tokenise the train/validation/test data of a run.
+
+    `data.train` is a local file or a hub dataset id (its `train` split). `data.validation` and `data.test` are
+    local files, or, when train is a hub dataset, split names of that same dataset (IMDB has only train and
+    test: set `test = "test"` and leave validation unset). An unset validation is carved from the shuffled
+    train set (`validation_fraction`, seeded by `seed`). `max_train_samples` keeps the first N train rows after
+    a seeded shuffle and `max_eval_samples` does the same for validation and test, so a small evaluation set
+    is not all one class when the file is sorted by label.
+
+    Classification: integer labels are kept (num_labels = largest + 1), string labels become ids in sorted
+    order with the names kept; hub `ClassLabel` names are used as they are.
+    Causal (`task="causal"`): rows are instruction/input/output (Alpaca), prompt/response, or a single text
+    column (`template="none"`); the loss covers the response tokens and the appended eos only. Examples whose
+    response is empty or truncated away by `max_length` are dropped and counted in `warnings`.
+    """
+    warnings: list[str] = []
+    max_length = _effective_max_length(cfg, tokenizer, warnings)
+    train, validation, test = _load_splits(cfg, seed)
+    train = _take(train, cfg.max_train_samples, seed)
+    validation = _take(validation, cfg.max_eval_samples, seed)
+    test = _take(test, cfg.max_eval_samples, seed) if test is not None else None
+    named = {"train": train, "validation": validation, "test": test}
+    present = {role: split for role, split in named.items() if split is not None}
+
+    label_names, num_labels, label_ids = None, None, None
+    if task == "classification":
+        _require_columns(present, {"text_field": cfg.text_field, "label_field": cfg.label_field})
+        label_names, num_labels, label_ids = _label_space(train, cfg.label_field)
+        for role, split in present.items():
+            _check_labels(role, split, cfg.label_field, num_labels, label_ids)
+    encode, collator = _encoder_and_collator(cfg, task, tokenizer, max_length, label_ids, present)
+    tokenised = {role: _tokenise(role, split, encode, max_length, warnings) for role, split in present.items()}
+    return PreparedData(
+        train=tokenised["train"],
+        validation=tokenised["validation"],
+        test=tokenised.get("test"),
+        label_names=label_names,
+        num_labels=num_labels,
+        collator=collator,
+        warnings=warnings,
+    )
+
+
+def prepare_eval_split(
+    cfg: DataConfig,
+    source: str,
+    *,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    label_names: list[str] | None,
+    num_labels: int | None,
+) -> tuple[Dataset, Collator]:
+    """One held-out file (or hub dataset's train split) tokenised as a run's training data was (`finetui eval`).
+
+    Every row is scored (`max_eval_samples` of the run does not apply). String labels are mapped with the run's
+    `label_names`; a label the run never saw is a DataError.
+    """
+    warnings: list[str] = []
+    max_length = _effective_max_length(cfg, tokenizer, warnings)
+    split = read_table(source, fmt=cfg.format, header=cfg.header, config_name=cfg.config_name)
+    label_ids = None
+    if task == "classification":
+        _require_columns({"test": split}, {"text_field": cfg.text_field, "label_field": cfg.label_field})
+        if label_names and any(isinstance(value, str) for value in split.unique(cfg.label_field)):
+            label_ids = {name: index for index, name in enumerate(label_names)}
+        _check_labels("test", split, cfg.label_field, num_labels or len(label_names or []), label_ids)
+    encode, collator = _encoder_and_collator(cfg, task, tokenizer, max_length, label_ids, {"test": split})
+    return _tokenise("test", split, encode, max_length, warnings), collator
+
+
+def _effective_max_length(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, warnings: list[str]) -> int:
+    if cfg.max_length > tokenizer.model_max_length:
+        warnings.append(
+            f"data.max_length {cfg.max_length} exceeds the tokenizer's limit; using {tokenizer.model_max_length}"
+        )
+        return tokenizer.model_max_length
+    return cfg.max_length
+
+
+def _encoder_and_collator(
+    cfg: DataConfig,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    label_ids: dict[Any, int] | None,
+    present: dict[str, Dataset],
+) -> tuple[Encoder, Collator]:
+    if task == "classification":
+        return _classification_encoder(cfg, tokenizer, max_length, label_ids), DataCollatorWithPadding(tokenizer)
+    if task == "causal":
+        encode = _causal_encoder(cfg, tokenizer, max_length, _causal_layout(cfg, present))
+        return encode, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    raise ValueError(f"unknown task {task!r}: expected classification or causal")
+
+
+def _is_hub_id(source: str) -> bool:
+    """Whether `source` names a hub dataset (no such local path, and shaped like `name` or `owner/name`)."""
+    return not Path(source).expanduser().exists() and not _looks_like_path(source) and bool(HUB_ID.fullmatch(source))
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        source.startswith(("/", ".", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in FORMAT_BY_SUFFIX
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().split("\n")[0] or type(error).__name__
+
+
+def _load_hub_split(dataset_id: str, config_name: str | None, split: str) -> Dataset:
+    try:
+        loaded = datasets.load_dataset(dataset_id, config_name, split=split)
+    except Exception as exc:  # the hub raises many kinds: offline, not found, gated, unknown split or config
+        raise DataError(
+            f"{dataset_id}: cannot load this hub dataset ({_first_line(exc)}); check the id or give a local file"
+        ) from None
+    if not isinstance(loaded, Dataset):
+        raise DataError(f"{dataset_id}: split {split!r} did not load as one table; give a single split name")
+    return loaded
+
+
+def _read_file(path: Path, fmt: str, header: bool | None) -> Dataset:
+    kind = FORMAT_BY_SUFFIX.get(path.suffix.lower()) if fmt == "auto" else fmt
+    if kind not in FORMAT_BY_SUFFIX.values():
+        raise DataError(
+            f"{path}: cannot tell the format from the extension {path.suffix!r}; "
+            "set data.format to csv, tsv, json, jsonl or parquet"
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    if kind == "parquet":
+        return _read_parquet(path)
+    text = _read_text(path)
+    if kind in ("csv", "tsv"):
+        return _read_delimited(path, text, "\t" if kind == "tsv" else ",", header)
+    return _read_json(path, text, whole_document=kind == "json" and text.lstrip().startswith("["))
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); re-save it as UTF-8"
+        ) from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    return text
+
+
+def _read_parquet(path: Path) -> Dataset:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file ({_first_line(exc)})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: holds no rows")
+    return Dataset(table)
+
+
+def _read_delimited(path: Path, text: str, delimiter: str, header: bool | None) -> Dataset:
+    """csv (RFC 4180 quoting) or tsv (no quoting, as GLUE writes it) into typed columns."""
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    rows: list[list[str]] = []
+    try:
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if rows and len(row) != len(rows[0]):
+                raise DataError(
+                    f"{path}: line {reader.line_num} has {len(row)} fields, line 1 has {len(rows[0])} "
+                    "(a stray delimiter or quote? check data.format)"
+                )
+            rows.append(row)
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: {exc}") from None
+    if not rows:
+        raise DataError(f"{path}: holds no rows")
+    has_header = _detect_header(rows[0], rows[1:]) if header is None else header
+    records = rows[1:] if has_header else rows
+    if not records:
+        raise DataError(f"{path}: has a header but no rows")
+    columns = [list(values) for values in zip(*records, strict=True)]
+    if has_header:
+        names = [cell.strip() or f"column_{index}" for index, cell in enumerate(rows[0])]
+        if len(set(names)) != len(names):
+            raise DataError(f"{path}: the header repeats a column name ({', '.join(names)})")
+    elif len(columns) == 2:
+        names = ["label", "text"] if _all_integers(columns[0]) and not _all_numbers(columns[1]) else ["text", "label"]
+    else:
+        names = [f"column_{index}" for index in range(len(columns))]
+    return Dataset.from_dict({name: _typed(values) for name, values in zip(names, columns, strict=True)})
+
+
+def _all_integers(values: list[str]) -> bool:
+    return all(INTEGER.fullmatch(value.strip()) for value in values)
+
+
+def _all_numbers(values: list[str]) -> bool:
+    return all(DECIMAL.fullmatch(value.strip()) for value in values)
+
+
+def _typed(values: list[str]) -> list[Any]:
+    if _all_integers(values):
+        return [int(value) for value in values]
+    if _all_numbers(values):
+        return [float(value) for value in values]
+    return values
+
+
+def _detect_header(first: list[str], rest: list[list[str]]) -> bool:
+    """A header when a numeric column has a non-numeric first cell; with no numeric column, when every first
+    cell is a name-like word (`text`, `label`) that does not occur again in its column."""
+    numeric = [index for index in range(len(first)) if rest and _all_numbers([row[index] for row in rest])]
+    if numeric:
+        return any(not DECIMAL.fullmatch(first[index].strip()) for index in numeric)
+    return all(
+        IDENTIFIER.fullmatch(cell.strip()) and all(row[index] != cell for row in rest)
+        for index, cell in enumerate(first)
+    )
+
+
+def _read_json(path: Path, text: str, *, whole_document: bool) -> Dataset:
+    if whole_document:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+        for index, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: item {index} of the list is not a JSON object")
+    else:
+        records = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip(" \t\r"):
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}: line {number} is not valid JSON ({exc.msg}, column {exc.colno}); "
+                    "expected one JSON object per line"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {number} is not a JSON object; expected one object per line")
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: holds no rows")
+    names = dict.fromkeys(name for record in records for name in record)
+    try:
+        return Dataset.from_dict({name: [record.get(name) for record in records] for name in names})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(
+            f"{path}: a column mixes value types ({_first_line(exc)}); make each field all text or all numbers"
+        ) from None
+
+
+def _load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset | None]:
+    train = _in_role(
+        "train",
+        lambda: read_table(cfg.train, fmt=cfg.format, header=cfg.header, config_name=cfg.config_name, split="train"),
+    )
+    validation = _read_extra_split("validation", cfg.validation, cfg) if cfg.validation else None
+    test = _read_extra_split("test", cfg.test, cfg) if cfg.test else None
+    if validation is None:
+        try:
+            parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed, shuffle=True)
+        except ValueError:
+            raise DataError(
+                f"data.train: {len(train)} rows are too few to carve a validation set "
+                f"(validation_fraction {cfg.validation_fraction}); give data.validation"
+            ) from None
+        train, validation = parts["train"], parts["test"]
+    return train, validation, test
+
+
+def _read_extra_split(role: str, spec: str, cfg: DataConfig) -> Dataset:
+    """A validation/test file, or a split name of the hub dataset that `data.train` names."""
+    if _is_hub_id(cfg.train) and "/" not in spec and not _looks_like_path(spec):
+        return _in_role(role, lambda: read_table(cfg.train, config_name=cfg.config_name, split=spec))
+    if not Path(spec).expanduser().is_file():
+        raise DataError(f"data.{role}: {spec}: no such file")
+    return _in_role(role, lambda: read_table(spec, fmt=cfg.format, header=cfg.header))
+
+
+def _in_role(role: str, read: Callable[[], Dataset]) -> Dataset:
+    try:
+        return read()
+    except DataError as exc:
+        raise DataError(f"data.{role}: {exc}") from None
+
+
+def _take(split: Dataset, count: int | None, seed: int) -> Dataset:
+    if count is None or count >= len(split):
+        return split
+    return split.shuffle(seed=seed).select(range(count))
+
+
+def _require_columns(splits: dict[str, Dataset], fields: dict[str, str]) -> None:
+    for role, split in splits.items():
+        for key, column in fields.items():
+            if column not in split.column_names:
+                raise DataError(
+                    f"data.{role}: no column {column!r} (columns: {', '.join(split.column_names)}); set data.{key}"
+                )
+
+
+def _label_space(train: Dataset, column: str) -> tuple[list[str] | None, int, dict[Any, int] | None]:
+    """(label names, number of labels, value -> id map for string labels) from the training labels."""
+    feature = train.features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names), feature.num_classes, None
+    values = train.unique(column)
+    if any(value is None for value in values):
+        raise DataError(f"data.train: column {column!r} has empty labels; fill or drop those rows")
+    if len(values) < 2:
+        raise DataError(
+            f"data.train: column {column!r} holds one class only ({values[0]!r}); classification needs two or more"
+        )
+    if all(isinstance(value, str) for value in values):
+        names = sorted(values)
+        return names, len(names), {name: index for index, name in enumerate(names)}
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in values):
+        if min(values) < 0:
+            raise DataError(f"data.train: label {min(values)} is negative; use ids 0..K-1 or text labels")
+        return None, max(values) + 1, None
+    raise DataError(
+        f"data.train: column {column!r} holds {feature} values; labels must be integers or text (not regression)"
+    )
+
+
+def _check_labels(role: str, split: Dataset, column: str, num_labels: int, label_ids: dict[Any, int] | None) -> None:
+    for value in split.unique(column):
+        if label_ids is not None:
+            if value not in label_ids:
+                raise DataError(
+                    f"data.{role}: label {value!r} does not occur in the training data "
+                    f"(labels: {', '.join(map(str, label_ids))})"
+                )
+        elif not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < num_labels:
+            raise DataError(
+                f"data.{role}: label {value!r} is not a class id 0..{num_labels - 1} "
+                "(an unlabelled split? GLUE test splits have label -1)"
+            )
+
+
+def _tokenise(role: str, split: Dataset, encode: Encoder, max_length: int, warnings: list[str]) -> Dataset:
+    if len(split) == 0:
+        raise DataError(f"data.{role}: holds no rows")
+    try:
+        tokenised = split.map(
+            encode,
+            batched=True,
+            batch_size=MAP_BATCH_SIZE,
+            remove_columns=split.column_names,
+            desc=f"Tokenising {role}",
+        )
+    except DataError as exc:
+        raise DataError(f"data.{role}: {exc}") from None
+    dropped = len(split) - len(tokenised)
+    if dropped == len(split):
+        raise DataError(
+            f"data.{role}: no example keeps any response tokens within max_length {max_length}; "
+            "raise data.max_length or check the response column"
+        )
+    if dropped:
+        warnings.append(
+            f"data.{role}: dropped {dropped} of {len(split)} examples with no response tokens left "
+            f"(empty response, or the prompt fills max_length {max_length})"
+        )
+    return tokenised
+
+
+def _text_values(batch: dict[str, list[Any]], column: str, *, optional: bool = False) -> list[str]:
+    values = batch[column]
+    if optional:
+        values = ["" if value is None else value for value in values]
+    for value in values:
+        if not isinstance(value, str):
+            raise DataError(f"column {column!r} has a row that is not text ({value!r}); fill or drop it")
+    return values
+
+
+def _classification_encoder(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int, label_ids: dict[Any, int] | None
+) -> Encoder:
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        encoded = tokenizer(_text_values(batch, cfg.text_field), truncation=True, max_length=max_length)
+        labels = batch[cfg.label_field]
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "labels": labels if label_ids is None else [label_ids[label] for label in labels],
+        }
+
+    return encode
+
+
+def _causal_layout(cfg: DataConfig, splits: dict[str, Dataset]) -> str:
+    """Which columns carry the examples: `text` (template none), `alpaca` or `prompt_response`."""
+    columns = splits["train"].column_names
+    if cfg.template == "none" and cfg.text_field in columns:
+        layout, fields = "text", {"text_field": cfg.text_field}
+    elif cfg.instruction_field in columns and cfg.output_field in columns:
+        layout, fields = "alpaca", {"instruction_field": cfg.instruction_field, "output_field": cfg.output_field}
+    elif cfg.prompt_field in columns and cfg.response_field in columns:
+        layout, fields = "prompt_response", {"prompt_field": cfg.prompt_field, "response_field": cfg.response_field}
+    else:
+        plain = ' (or data.template = "none" for plain text)' if cfg.text_field in columns else ""
+        raise DataError(
+            f"data.train: causal data needs columns {cfg.instruction_field}+{cfg.output_field} or "
+            f"{cfg.prompt_field}+{cfg.response_field} (columns: {', '.join(columns)}); set data.*_field{plain}"
+        )
+    _require_columns(splits, fields)
+    return layout
+
+
+def _prompts_and_responses(cfg: DataConfig, layout: str, batch: dict[str, list[Any]]) -> tuple[list[str], list[str]]:
+    """The text before the response and the response, per row, as the template asks."""
+    if layout == "text":
+        texts = _text_values(batch, cfg.text_field)
+        return [""] * len(texts), texts
+    if layout == "prompt_response":
+        return _text_values(batch, cfg.prompt_field), _text_values(batch, cfg.response_field)
+    instructions = _text_values(batch, cfg.instruction_field)
+    responses = _text_values(batch, cfg.output_field)
+    inputs = _text_values(batch, cfg.input_field, optional=True) if cfg.input_field in batch else [""] * len(responses)
+    if cfg.template == "alpaca":
+        prompts = [
+            ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra)
+            if extra.strip()
+            else ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+            for instruction, extra in zip(instructions, inputs, strict=True)
+        ]
+        return prompts, responses
+    pairs = zip(instructions, inputs, strict=True)
+    return [f"{instruction}\n\n{extra}" if extra.strip() else instruction for instruction, extra in pairs], responses
+
+
+def _chat_split(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str]
+) -> tuple[list[str], list[str]]:
+    """Render user/assistant turns with the tokenizer's chat template; cut each at the assistant content."""
+    conversations = [
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        for prompt, response in zip(prompts, responses, strict=True)
+    ]
+    rendered: list[str] = tokenizer.apply_chat_template(conversations, tokenize=False)
+    before, after = [], []
+    for text, response in zip(rendered, responses, strict=True):
+        content = response.strip()
+        start = text.rfind(content) if content else len(text)
+        if start < 0:
+            raise DataError(
+                "data.template chat: the chat template rewrites the response, so the prompt cannot be masked; "
+                'use data.template = "alpaca"'
+            )
+        before.append(text[:start])
+        after.append(text[start:] if content else "")
+    return before, after
+
+
+def _causal_encoder(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int, layout: str) -> Encoder:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos token, which causal training appends to every response")
+    chat = cfg.template == "chat"
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise DataError('data.template chat: this tokenizer has no chat template; use data.template = "alpaca"')
+    leading = [] if chat else _leading_special_ids(tokenizer)
+    eos = tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        prompts, responses = _prompts_and_responses(cfg, layout, batch)
+        if chat:
+            prompts, responses = _chat_split(tokenizer, prompts, responses)
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prompt, response in zip(prompt_ids, response_ids, strict=True):
+            masked = len(leading) + len(prompt)
+            if not response or masked >= max_length:
+                continue
+            target = response if chat and eos in response else [*response, eos]
+            ids = [*leading, *prompt, *target][:max_length]
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append([IGNORE_INDEX] * masked + ids[masked:])
+        return out
+
+    return encode
+
+
+def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Llama's <s>, BERT's [CLS], none for GPT-2)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(wrapped) - len(plain) + 1):
+        if wrapped[start : start + len(plain)] == plain:
+            return wrapped[:start]
+    return []

@@ -1,0 +1,273 @@
+"""The freeze map: which parts of a prepared model train, how many parameters each holds, what it will cost.
+
+It is the first thing a run reports and the whole of `finetui inspect`, so it must be exact where it can be
+(parameter counts match peft's `get_nb_trainable_parameters`, 4-bit weights included) and honest where it
+cannot (the memory figure is labelled an estimate). It only reads a prepared model, real or on the meta
+device, and never loads anything.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from engine.architecture import find_blocks, output_module_names, unwrap
+
+GroupKind = Literal["embeddings", "block", "head", "other"]
+ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    name: str
+    kind: GroupKind
+    total: int
+    trainable: int
+    dtype: str
+    quantization: str | None
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    total_bytes: int
+    note: str
+
+
+@dataclass(frozen=True)
+class FreezeMap:
+    layers: list[LayerGroup]
+    total_params: int
+    trainable_params: int
+    trainable_percent: float
+    memory: MemoryEstimate | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "trainable_percent": self.trainable_percent,
+            "layers": [asdict(layer) for layer in self.layers],
+            "memory": asdict(self.memory) if self.memory is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FreezeMap:
+        memory = data.get("memory")
+        return cls(
+            layers=[LayerGroup(**layer) for layer in data["layers"]],
+            total_params=data["total_params"],
+            trainable_params=data["trainable_params"],
+            trainable_percent=data["trainable_percent"],
+            memory=MemoryEstimate(**memory) if memory is not None else None,
+        )
+
+
+def parameter_count(parameter: torch.Tensor) -> int:
+    """Parameters a tensor stands for, as peft counts them: a packed 4-bit tensor holds 2 x itemsize per element."""
+    if type(parameter).__name__ == "Params4bit":
+        return parameter.numel() * 2 * parameter.element_size()
+    return parameter.numel()
+
+
+def _quantization(parameter: torch.Tensor) -> str | None:
+    kind = type(parameter).__name__
+    if kind == "Params4bit":
+        return str(getattr(parameter, "quant_type", "4bit"))
+    if kind == "Int8Params":
+        return "int8"
+    return None
+
+
+def _storage_bytes(parameter: torch.Tensor) -> int:
+    """Bytes a parameter occupies, with a 4-bit tensor's quantisation constants (absmax, nested absmax)."""
+    size = parameter.numel() * parameter.element_size()
+    state = getattr(parameter, "quant_state", None)
+    if state is not None:
+        for constants in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None)):
+            if isinstance(constants, torch.Tensor):
+                size += constants.numel() * constants.element_size()
+    return size
+
+
+def _relative_prefix(model: nn.Module) -> str:
+    """How the unwrapped model's parameter names are prefixed in `model` (`base_model.model.` under peft)."""
+    base = unwrap(model)
+    if base is model:
+        return ""
+    name = next(name for name, module in model.named_modules() if module is base)
+    return f"{name}." if name else ""
+
+
+def _head_names(base: nn.Module) -> list[str]:
+    for task in ("classification", "causal"):
+        try:
+            return output_module_names(base, task)
+        except ValueError:
+            continue
+    return []
+
+
+def _embedding_names(base: nn.Module, blocks_name: str) -> list[str]:
+    """Input embedding modules: a BERT-style `embeddings` container, else every nn.Embedding outside the blocks."""
+    names = {id(module): name for name, module in base.named_modules()}
+    get_input = getattr(base, "get_input_embeddings", None)
+    input_embeddings = get_input() if callable(get_input) else None
+    input_name = names.get(id(input_embeddings), "") if input_embeddings is not None else ""
+    parent = input_name.rpartition(".")[0]
+    if parent.rpartition(".")[2] == "embeddings":
+        return [parent]
+    return [
+        name
+        for name, module in base.named_modules()
+        if isinstance(module, nn.Embedding) and not name.startswith(f"{blocks_name}.")
+    ]
+
+
+def _group_of(name: str, heads: list[str], embeddings: list[str], blocks_name: str) -> tuple[str, GroupKind]:
+    def inside(prefix: str) -> bool:
+        return name == prefix or name.startswith(f"{prefix}.")
+
+    for head in heads:
+        if inside(head):
+            return head, "head"
+    for embedding in embeddings:
+        if inside(embedding):
+            return embedding, "embeddings"
+    if blocks_name and name.startswith(f"{blocks_name}."):
+        index = name[len(blocks_name) + 1 :].split(".", 1)[0]
+        return f"{blocks_name}.{index}", "block"
+    return name.rpartition(".")[0] or name, "other"
+
+
+def compute_freeze_map(
+    model: nn.Module,
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    gradient_checkpointing: bool = False,
+) -> FreezeMap:
+    """Group a prepared model's parameters (adapters in the group of the module they wrap) and estimate memory.
+
+    Counts follow peft's `get_nb_trainable_parameters`: `model.named_parameters()` (tied weights once),
+    4-bit tensors counted as 2 x itemsize parameters per stored element. The memory estimate is added
+    when `batch_size` and `seq_len` are given (see `estimate_memory`).
+    """
+    base = unwrap(model)
+    prefix = _relative_prefix(model)
+    try:
+        blocks_name, _ = find_blocks(base)
+    except ValueError:
+        blocks_name = ""
+    heads = _head_names(base)
+    embeddings = _embedding_names(base, blocks_name)
+
+    groups: dict[str, dict[str, Any]] = {}
+    for full_name, parameter in model.named_parameters():
+        name = full_name.removeprefix(prefix)
+        group_name, kind = _group_of(name, heads, embeddings, blocks_name)
+        group = groups.setdefault(
+            group_name, {"kind": kind, "total": 0, "trainable": 0, "dtypes": Counter(), "quantization": None}
+        )
+        count = parameter_count(parameter)
+        group["total"] += count
+        group["trainable"] += count if parameter.requires_grad else 0
+        group["dtypes"][str(parameter.dtype).removeprefix("torch.")] += count
+        group["quantization"] = group["quantization"] or _quantization(parameter)
+
+    layers = [
+        LayerGroup(
+            name=name,
+            kind=group["kind"],
+            total=group["total"],
+            trainable=group["trainable"],
+            dtype=group["dtypes"].most_common(1)[0][0],
+            quantization=group["quantization"],
+        )
+        for name, group in groups.items()
+    ]
+    total = sum(layer.total for layer in layers)
+    trainable = sum(layer.trainable for layer in layers)
+    memory = None
+    if batch_size is not None and seq_len is not None:
+        memory = estimate_memory(model, layers, batch_size, seq_len, gradient_checkpointing=gradient_checkpointing)
+    return FreezeMap(
+        layers=layers,
+        total_params=total,
+        trainable_params=trainable,
+        trainable_percent=100.0 * trainable / total if total else 0.0,
+        memory=memory,
+    )
+
+
+def _blocks_needing_backward(layers: list[LayerGroup]) -> tuple[int, int]:
+    """(blocks that must keep activations, all blocks): every block from the first trainable one onward."""
+    blocks = [layer for layer in layers if layer.kind == "block"]
+    if any(layer.kind == "embeddings" and layer.trainable for layer in layers):
+        return len(blocks), len(blocks)
+    first = next((index for index, layer in enumerate(blocks) if layer.trainable), len(blocks))
+    return len(blocks) - first, len(blocks)
+
+
+def estimate_memory(
+    model: nn.Module,
+    layers: list[LayerGroup],
+    batch_size: int,
+    seq_len: int,
+    *,
+    gradient_checkpointing: bool = False,
+) -> MemoryEstimate:
+    """Training memory of one process, in bytes. An estimate: it ignores runtime overhead and fragmentation.
+
+    - weights: every parameter's storage (4-bit tensors: packed bytes + quantisation constants).
+    - gradients: one per trainable parameter, in the parameter's dtype.
+    - optimizer: AdamW keeps two fp32 moments per trainable parameter (8 bytes each).
+    - activations, with b = batch, s = sequence, h = hidden, a = heads, x = bytes per activation element
+      (the input embeddings' dtype): each block that needs a backward (from the first trainable block on)
+      keeps s*b*h*(34 + 5*a*s/h) * x/2 bytes (Korthikanti et al. 2022, counted for 16-bit activations);
+      with gradient checkpointing the blocks keep only their input (s*b*h*x each) plus one block's full
+      activations during recomputation. A causal LM adds its logits and their gradient, 2*b*s*vocab*4 bytes.
+    """
+    weights = sum(_storage_bytes(parameter) for parameter in model.parameters())
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    gradients = sum(parameter.numel() * parameter.element_size() for parameter in trainable)
+    optimizer = ADAMW_STATE_BYTES * sum(parameter.numel() for parameter in trainable)
+
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 0) or 1)
+    input_embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    element = input_embeddings.weight.element_size() if input_embeddings is not None else 4
+    tokens = batch_size * seq_len
+    per_block = int(tokens * hidden * (34 + 5 * heads * seq_len / max(hidden, 1)) * element / 2)
+    backward_blocks, all_blocks = _blocks_needing_backward(layers)
+    if gradient_checkpointing and backward_blocks:
+        activations = backward_blocks * tokens * hidden * element + per_block
+    else:
+        activations = backward_blocks * per_block
+    get_output = getattr(base, "get_output_embeddings", None)
+    if callable(get_output) and get_output() is not None and trainable:
+        activations += 2 * tokens * int(getattr(config, "vocab_size", 0) or 0) * 4
+
+    checkpointing = ", gradient checkpointing" if gradient_checkpointing else ""
+    note = (
+        f"estimate for batch {batch_size} x {seq_len} tokens: weights, gradients, AdamW states (2 x fp32 per "
+        f"trainable parameter), activations of {backward_blocks}/{all_blocks} blocks{checkpointing}; "
+        "excludes framework overhead and fragmentation"
+    )
+    return MemoryEstimate(
+        weights_bytes=weights,
+        gradients_bytes=gradients,
+        optimizer_bytes=optimizer,
+        activations_bytes=activations,
+        total_bytes=weights + gradients + optimizer + activations,
+        note=note,
+    )

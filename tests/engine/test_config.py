@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import bundled_presets
+from engine.cli import bundled_presets, preset_keys
 from engine.config import ConfigError, build_config, load_config, parse_override
 
 
@@ -90,3 +90,9 @@ def test_toml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
     preset.write_text('name = "x"\n[train\nlr = 1\n')
     with pytest.raises(ConfigError, match=r"bad.toml: TOML syntax error: .*line 2, column"):
         load_config(preset)
+
+
+def test_readme_documents_every_preset_key() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    missing = [key for key, _, _ in preset_keys() if f"| `{key}` |" not in readme]
+    assert not missing, f"README lacks preset keys: {missing}"

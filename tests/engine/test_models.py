@@ -192,7 +192,7 @@ def test_tiny_llama_loads_as_causal_lm_and_decoder_classifier() -> None:
     causal = load_model(ModelConfig(id="builtin:tiny-llama", task="causal"), num_labels=None)
     assert type(causal).__name__ == "LlamaForCausalLM"
     assert sum(parameter.numel() for parameter in causal.parameters()) == 181_184
-    classifier = load_model(ModelConfig(id="builtin:tiny-llama"), num_labels=2)
+    classifier = load_model(ModelConfig(id="builtin:tiny-llama", task="classification"), num_labels=2)
     assert type(classifier).__name__ == "LlamaForSequenceClassification"
     assert classifier.config.pad_token_id == 258
     tokenizer = load_tokenizer(ModelConfig(id="builtin:tiny-llama"))

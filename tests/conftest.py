@@ -19,6 +19,12 @@ QUICKSTART_DATA = ROOT / "presets" / "data" / "quickstart"
 
 
 @pytest.fixture(scope="session")
+def finetui_cache() -> Path:
+    """The model cache of this test session (builtin models are generated into it once)."""
+    return Path(os.environ["FINETUI_CACHE"])
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = SHARED / "data"
     if not path.is_dir():

@@ -25,8 +25,9 @@ from engine.data import (
     prepare_data,
     read_table,
 )
+from tests.conftest import SHARED
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = SHARED / "data"
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"

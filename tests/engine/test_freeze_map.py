@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
@@ -19,18 +14,11 @@ from engine.architecture import output_module_names
 from engine.config import ModelConfig
 from engine.freeze_map import FreezeMap, compute_freeze_map
 from engine.models import build_meta_model, load_model
+from tests.conftest import SHARED
 
-CONFIGS = Path("/work/shared/configs")
+CONFIGS = SHARED / "configs"
 LLAMA_7B = ModelConfig(id=str(CONFIGS / "meta-llama__Llama-2-7b-hf"), task="causal")
 DISTILBERT = ModelConfig(id=str(CONFIGS / "distilbert__distilbert-base-uncased"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def finetui_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    cache = tmp_path_factory.mktemp("finetui-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUI_CACHE", str(cache))
-        yield cache
 
 
 def train_only(model: nn.Module, prefixes: list[str]) -> None:

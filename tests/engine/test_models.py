@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import huggingface_hub.constants
 import pytest
@@ -29,18 +25,11 @@ from engine.models import (
     load_tokenizer,
     resolve_model,
 )
+from tests.conftest import SHARED
 
-CONFIGS = Path("/work/shared/configs")
+CONFIGS = SHARED / "configs"
 LLAMA_7B = str(CONFIGS / "meta-llama__Llama-2-7b-hf")
 DISTILBERT = str(CONFIGS / "distilbert__distilbert-base-uncased")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def finetui_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    cache = tmp_path_factory.mktemp("finetui-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUI_CACHE", str(cache))
-        yield cache
 
 
 def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

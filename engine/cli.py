@@ -78,30 +78,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def inspect_config(config: RunConfig) -> dict[str, Any]:
-    """The freeze map and memory estimate of a config, built on the meta device (no weights loaded)."""
-    from engine.freeze_map import compute_freeze_map
-    from engine.models import build_meta_model, resolve_task
-    from engine.strategies import get_strategy
-    from engine.trainer import quiet_library_output
-
-    quiet_library_output()
-    config = config.with_task(resolve_task(config.model))
-    strategy = get_strategy(config.strategy, config.model.task)
-    num_labels = (config.model.num_labels or 2) if config.model.task == "classification" else None
-    model = strategy.prepare_meta(build_meta_model(config.model, num_labels=num_labels))
-    freeze_map = compute_freeze_map(
-        model,
-        batch_size=config.train.batch_size,
-        seq_len=config.data.max_length,
-        gradient_checkpointing=config.train.gradient_checkpointing,
-    )
-    return {"model": config.model.id, "strategy": config.strategy.kind, **freeze_map.to_dict()}
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     if not args.preset and not args.model:
         raise ConfigError("inspect needs a preset or --model (e.g. finetui inspect --model builtin:minilm-l6)")
+    from engine.inspect import inspect_config
+
     config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
     report = inspect_config(config)
     if args.json:

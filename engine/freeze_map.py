@@ -19,6 +19,7 @@ from engine.architecture import find_blocks, output_module_names, unwrap
 
 GroupKind = Literal["embeddings", "block", "head", "other"]
 ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
+FOUR_BIT_BLOCK = 64  # bitsandbytes' 4-bit quantisation block size
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,14 @@ def _quantization(parameter: torch.Tensor) -> str | None:
     return None
 
 
-def _storage_bytes(parameter: torch.Tensor) -> int:
-    """Bytes a parameter occupies, with a 4-bit tensor's quantisation constants (absmax, nested absmax)."""
+def _storage_bytes(parameter: torch.Tensor, planned_4bit: bool = False) -> int:
+    """Bytes a parameter occupies, with a 4-bit tensor's quantisation constants (absmax, nested absmax).
+
+    `planned_4bit`: an unquantised weight costed as bitsandbytes will store it (half a byte per weight,
+    one fp32 absmax per block of 64).
+    """
+    if planned_4bit:
+        return parameter.numel() // 2 + 4 * (parameter.numel() // FOUR_BIT_BLOCK)
     size = parameter.numel() * parameter.element_size()
     state = getattr(parameter, "quant_state", None)
     if state is not None:
@@ -153,12 +160,15 @@ def compute_freeze_map(
     batch_size: int | None = None,
     seq_len: int | None = None,
     gradient_checkpointing: bool = False,
+    frozen_linear_4bit: str | None = None,
 ) -> FreezeMap:
     """Group a prepared model's parameters (adapters in the group of the module they wrap) and estimate memory.
 
     Counts follow peft's `get_nb_trainable_parameters`: `model.named_parameters()` (tied weights once),
     4-bit tensors counted as 2 x itemsize parameters per stored element. The memory estimate is added
-    when `batch_size` and `seq_len` are given (see `estimate_memory`).
+    when `batch_size` and `seq_len` are given (see `estimate_memory`). `frozen_linear_4bit` ("nf4", "fp4")
+    maps an unquantised (meta) model as the 4-bit load will be: frozen linear weights outside the output
+    layers are labelled and costed as 4-bit; counts do not change (peft counts both alike).
     """
     base = unwrap(model)
     prefix = _relative_prefix(model)
@@ -169,6 +179,7 @@ def compute_freeze_map(
     heads = _head_names(base)
     embeddings = _embedding_names(base, blocks_name)
 
+    planned = _planned_4bit_weights(model, heads, prefix) if frozen_linear_4bit else set()
     groups: dict[str, dict[str, Any]] = {}
     for full_name, parameter in model.named_parameters():
         name = full_name.removeprefix(prefix)
@@ -181,6 +192,8 @@ def compute_freeze_map(
         group["trainable"] += count if parameter.requires_grad else 0
         group["dtypes"][str(parameter.dtype).removeprefix("torch.")] += count
         group["quantization"] = group["quantization"] or _quantization(parameter)
+        if id(parameter) in planned:
+            group["quantization"] = frozen_linear_4bit
 
     layers = [
         LayerGroup(
@@ -197,7 +210,9 @@ def compute_freeze_map(
     trainable = sum(layer.trainable for layer in layers)
     memory = None
     if batch_size is not None and seq_len is not None:
-        memory = estimate_memory(model, layers, batch_size, seq_len, gradient_checkpointing=gradient_checkpointing)
+        memory = estimate_memory(
+            model, layers, batch_size, seq_len, gradient_checkpointing=gradient_checkpointing, planned_4bit=planned
+        )
     return FreezeMap(
         layers=layers,
         total_params=total,
@@ -205,6 +220,19 @@ def compute_freeze_map(
         trainable_percent=100.0 * trainable / total if total else 0.0,
         memory=memory,
     )
+
+
+def _planned_4bit_weights(model: nn.Module, heads: list[str], prefix: str) -> set[int]:
+    """ids of the weights a 4-bit load quantises: frozen nn.Linear weights outside the output layers."""
+    planned = set()
+    for full_name, module in model.named_modules():
+        name = full_name.removeprefix(prefix)
+        if not isinstance(module, nn.Linear) or module.weight.requires_grad:
+            continue
+        if any(name == head or name.startswith(f"{head}.") for head in heads):
+            continue
+        planned.add(id(module.weight))
+    return planned
 
 
 def _blocks_needing_backward(layers: list[LayerGroup]) -> tuple[int, int]:
@@ -223,6 +251,7 @@ def estimate_memory(
     seq_len: int,
     *,
     gradient_checkpointing: bool = False,
+    planned_4bit: set[int] | None = None,
 ) -> MemoryEstimate:
     """Training memory of one process, in bytes. An estimate: it ignores runtime overhead and fragmentation.
 
@@ -235,7 +264,8 @@ def estimate_memory(
       with gradient checkpointing the blocks keep only their input (s*b*h*x each) plus one block's full
       activations during recomputation. A causal LM adds its logits and their gradient, 2*b*s*vocab*4 bytes.
     """
-    weights = sum(_storage_bytes(parameter) for parameter in model.parameters())
+    planned = planned_4bit or set()
+    weights = sum(_storage_bytes(parameter, id(parameter) in planned) for parameter in model.parameters())
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     gradients = sum(parameter.numel() * parameter.element_size() for parameter in trainable)
     optimizer = ADAMW_STATE_BYTES * sum(parameter.numel() for parameter in trainable)

@@ -78,21 +78,39 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def read_events(run_dir: Path) -> list[Event]:
-    """The events of a run; a last line still being written is skipped."""
-    try:
-        text = (run_dir / EVENTS_FILE).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    events = []
-    for line in text.split("\n"):
-        if not line:
-            continue
+class EventFollower:
+    """Reads a run's `events.jsonl` incrementally, also while another process is still writing it.
+
+    Each `poll()` returns the events of the complete lines added since the last poll; a line still
+    being written waits for the next poll.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / EVENTS_FILE
+        self._offset = 0
+        self._partial = b""
+
+    def poll(self) -> list[Event]:
         try:
-            events.append(event_from_dict(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return events
+            with self.path.open("rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        events = []
+        for line in lines:
+            try:
+                events.append(event_from_dict(json.loads(line)))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                continue
+        return events
+
+
+def read_events(run_dir: Path) -> list[Event]:
+    """The complete events of a run so far."""
+    return EventFollower(run_dir).poll()
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:

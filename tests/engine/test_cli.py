@@ -129,3 +129,20 @@ def test_minilm_on_rotten_tomatoes_beats_chance_on_unseen_data(tmp_path: Path, s
     metrics = json.loads(scored.stdout)
     assert metrics["examples"] == 1066
     assert metrics["accuracy"] > 0.7
+
+
+def test_qlora_inspect_costs_frozen_linear_weights_as_4bit(shared_configs: Path) -> None:
+    from engine.config import build_config
+    from engine.inspect import inspect_config
+
+    llama = str(shared_configs / "meta-llama__Llama-2-7b-hf")
+    reports = {
+        kind: inspect_config(build_config({"model": {"id": llama}, "strategy": {"kind": kind, "r": 8}}))
+        for kind in ("lora", "qlora")
+    }
+    assert reports["qlora"]["trainable_params"] == reports["lora"]["trainable_params"] == 4_194_304
+    blocks = [row for row in reports["qlora"]["layers"] if row["kind"] == "block"]
+    assert {row["quantization"] for row in blocks} == {"nf4"}
+    lora_weights, qlora_weights = (reports[kind]["memory"]["weights_bytes"] for kind in ("lora", "qlora"))
+    assert lora_weights == 6_738_415_616 * 2 + 4_194_304 * 4  # fp16 checkpoint dtype, fp32 adapters
+    assert 3.5 * 2**30 < qlora_weights < 4.2 * 2**30

@@ -1,6 +1,12 @@
 """finetui engine: headless fine-tuning (config, models, data, strategies, freeze map, training, events)."""
 
 import logging
+import os
+
+# Safe by default: every torch.load in this process (ours, transformers', peft's) unpickles only tensors and
+# plain containers, never arbitrary objects, whatever the call site asks (torch honours this at call time).
+if not os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+    os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
 # bitsandbytes warns at import time on CPUs about an optional kernel package it cannot fetch offline.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -1,7 +1,7 @@
-"""The headless command line: `finetui run | inspect | eval | presets`.
+"""The headless command line: `finetui run | attach | inspect | eval | presets`.
 
 Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr, never a traceback),
-130/143 stopped by SIGINT/SIGTERM (the run is checkpointed and resumable).
+130/143/129 stopped by SIGINT/SIGTERM/SIGHUP (the run is checkpointed and resumable with `--resume`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,21 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from engine.config import ConfigError, RunConfig, load_config, read_preset_file
-from engine.sinks import EventSink, JsonLinesSink, RichProgressSink, freeze_map_table, memory_table
+from engine.preflight import check_run_config
+from engine.runs import check_resumable
+from engine.sinks import (
+    EventSink,
+    GuardedSink,
+    JsonLinesSink,
+    RichProgressSink,
+    TextLogSink,
+    freeze_map_table,
+    memory_table,
+)
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-SUBCOMMANDS = ("run", "inspect", "eval", "presets")
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+SUBCOMMANDS = ("run", "attach", "inspect", "eval", "presets")
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def bundled_presets() -> list[Path]:
@@ -55,27 +65,99 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from engine.trainer import run_training
+def _install_stop_handlers(stop_event: threading.Event, received: list[int], *, detached_child: bool) -> None:
+    """SIGINT/SIGTERM (and SIGHUP from a closing terminal) ask the run to stop at the next step and checkpoint.
 
-    config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
-    sink: EventSink = JsonLinesSink() if args.json else RichProgressSink()
-    stop_event = threading.Event()
-    received: list[int] = []
+    A second signal ends the process at once. A detached run ignores SIGHUP: it has no terminal to lose.
+    """
 
     def request_stop(signum: int, _frame: Any) -> None:
         received.append(signum)
         stop_event.set()
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+        signal.signal(signum, signal.SIG_DFL)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, request_stop)
-    result = run_training(config, sink, output_dir=args.output_dir, stop_event=stop_event)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN if detached_child else request_stop)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config: RunConfig | None = None
+    if args.resume:
+        options = {
+            "PRESET": args.preset,
+            "--model": args.model,
+            "--strategy": args.strategy,
+            "--set": args.set,
+            "--output-dir": args.output_dir,
+        }
+        given = [flag for flag, value in options.items() if value]
+        if given:
+            raise ConfigError(
+                f"--resume continues a run with the config.toml in its directory; drop {', '.join(given)}"
+            )
+        run_dir = Path(args.resume)
+        check_resumable(run_dir)
+    else:
+        config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
+        check_run_config(config, args.output_dir)
+    if args.detach:
+        from engine.detach import resume_detached, start_detached
+
+        started = resume_detached(run_dir) if config is None else start_detached(config, output_dir=args.output_dir)
+        if args.json:
+            _print_json({"run_dir": str(started)})
+        else:
+            sys.stdout.write(f"{started}\n")
+            sys.stderr.write(f"finetui: detached; follow it with: finetui attach {started}\n")
+        return 0
+
+    view: EventSink = JsonLinesSink() if args.json else RichProgressSink()
+    sink: EventSink = TextLogSink() if args.detached_child else GuardedSink(view)
+    stop_event = threading.Event()
+    received: list[int] = []
+    _install_stop_handlers(stop_event, received, detached_child=args.detached_child)
+    from engine.trainer import resume_training, run_training
+
+    if received and config is not None:
+        return 128 + received[0]  # stopped while starting up: nothing was created
+    if config is None:
+        result = resume_training(run_dir, sink, stop_event=stop_event, signal_stop=True)
+    else:
+        result = run_training(config, sink, output_dir=args.output_dir, stop_event=stop_event, signal_stop=True)
     if result.status == "failed":
         sys.stderr.write(f"finetui: error: {result.summary['error']} (run directory: {result.run_dir})\n")
     if result.status == "stopped" and received:
         return 128 + received[0]
     return result.exit_code
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    """Follow a run (usually a detached one) live; Ctrl-C asks it to stop, a second Ctrl-C leaves it running."""
+    from engine.detach import ProcessVanished, follow_run
+
+    run_dir = Path(args.run_dir)
+    sink = GuardedSink(JsonLinesSink() if args.json else RichProgressSink(show_errors=True))
+    interrupts: list[int] = []
+
+    def on_sigint(signum: int, _frame: Any) -> None:
+        interrupts.append(signum)
+        if len(interrupts) > 1:
+            sys.stderr.write(f"finetui: left {run_dir}; it goes on stopping (finetui attach to follow it again)\n")
+            os._exit(EXIT_INTERRUPTED)
+
+    def on_stop_sent(sent: bool) -> None:
+        if sent:
+            sys.stderr.write("finetui: asked the run to stop; it saves a checkpoint first (Ctrl-C again to leave)\n")
+        else:
+            sys.stderr.write("finetui: the run's process is not running; nothing to stop\n")
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return follow_run(run_dir, sink, should_stop=lambda: bool(interrupts), on_stop_sent=on_stop_sent)
+    except ProcessVanished as exc:
+        sys.stderr.write(f"finetui: error: {exc}\n")
+        return EXIT_FAILED
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -150,7 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
     run.add_argument("--output-dir", type=Path, default=None, help="parent of the run directory (train.output_dir)")
     run.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its last checkpoint"
+    )
+    run.add_argument(
+        "--detach", action="store_true", help="run in the background, immune to a closed terminal; prints the run dir"
+    )
+    run.add_argument("--detached-child", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)
+
+    attach = sub.add_parser("attach", help="follow a (detached) run live; Ctrl-C stops it")
+    attach.add_argument("run_dir", help="a run directory (printed by `finetui run --detach`)")
+    attach.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    attach.set_defaults(handler=cmd_attach)
 
     inspect = sub.add_parser("inspect", help="freeze map and memory estimate, without training")
     inspect.add_argument("preset", nargs="?", help="preset file or bundled preset name")
@@ -180,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"finetui: error: {exc}\n")
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("finetui: interrupted\n")
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if os.environ.get("FINETUI_DEBUG"):
             raise

@@ -343,8 +343,9 @@ def _read_json(path: Path, text: str, *, whole_document: bool) -> Dataset:
         for index, record in enumerate(records):
             if not isinstance(record, dict):
                 raise DataError(f"{path}: item {index} of the list is not a JSON object")
+        origins = [f"item {index} of the list" for index in range(len(records))]
     else:
-        records = []
+        records, origins = [], []
         for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip(" \t\r"):
                 continue
@@ -358,6 +359,7 @@ def _read_json(path: Path, text: str, *, whole_document: bool) -> Dataset:
             if not isinstance(record, dict):
                 raise DataError(f"{path}: line {number} is not a JSON object; expected one object per line")
             records.append(record)
+            origins.append(f"line {number}")
     if not records:
         raise DataError(f"{path}: holds no rows")
     names = dict.fromkeys(name for record in records for name in record)
@@ -367,6 +369,18 @@ def _read_json(path: Path, text: str, *, whole_document: bool) -> Dataset:
         raise DataError(
             f"{path}: a column mixes value types ({_first_line(exc)}); make each field all text or all numbers"
         ) from None
+    except UnicodeEncodeError:
+        raise DataError(f"{path}: {_unencodable_record(records, origins)}") from None
+
+
+def _unencodable_record(records: list[dict[str, Any]], origins: list[str]) -> str:
+    """Name the first record holding text that is not valid Unicode (a lone surrogate escape like \\ud800)."""
+    for record, origin in zip(records, origins, strict=True):
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{origin} holds an invalid Unicode escape (a lone surrogate such as \\ud800); fix or drop it"
+    return "holds text that is not valid Unicode; re-save it as UTF-8"
 
 
 def _load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset | None]:
@@ -471,6 +485,8 @@ def _tokenise(role: str, split: Dataset, encode: Encoder, max_length: int, warni
         )
     except DataError as exc:
         raise DataError(f"data.{role}: {exc}") from None
+    except Exception as exc:  # the tokenizer (or a chat template) failed on some row: find and name it
+        raise DataError(f"data.{role}: {_failing_example(split, encode, exc)}") from None
     dropped = len(split) - len(tokenised)
     if dropped == len(split):
         raise DataError(
@@ -483,6 +499,23 @@ def _tokenise(role: str, split: Dataset, encode: Encoder, max_length: int, warni
             f"(empty response, or the prompt fills max_length {max_length})"
         )
     return tokenised
+
+
+def _failing_example(split: Dataset, encode: Encoder, error: Exception) -> str:
+    """One line naming the first example the encoder fails on, with the error and a preview of the row."""
+    for index in range(len(split)):
+        row = split[index : index + 1]
+        try:
+            encode(row)
+        except Exception as exc:
+            preview = {name: values[0] for name, values in row.items()}
+            shown = json.dumps(preview, ensure_ascii=True, default=str)
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            return (
+                f"example {index} cannot be tokenised ({type(exc).__name__}: {_first_line(exc)}): {shown}; "
+                "fix or drop that row"
+            )
+    return f"tokenising failed ({type(error).__name__}: {_first_line(error)})"
 
 
 def _text_values(batch: dict[str, list[Any]], column: str, *, optional: bool = False) -> list[str]:

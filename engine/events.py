@@ -92,6 +92,8 @@ class RunFailed(Event):
     error: str
     user_error: bool  # True: bad input (exit code 2); False: training failed (exit code 1)
     step: int | None = None
+    reason: str | None = None  # bad_input, nan_loss, out_of_memory, disk_full or error
+    checkpoint: str | None = None  # the last complete checkpoint, which `--resume` continues from
 
 
 @dataclass(frozen=True, kw_only=True)

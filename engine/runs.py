@@ -2,10 +2,15 @@
 
 Layout of `<output_dir>/<name>-<YYYYmmdd-HHMMSS>/`:
     config.toml     the resolved run config (written atomically, before training starts)
-    events.jsonl    one event per line, flushed whole
-    checkpoints/    Trainer checkpoints (the last `train.save_total_limit`)
-    model/          the final model or adapter, with its tokenizer
-    summary.json    status, metrics and speed (written atomically at the end)
+    events.jsonl    one event per line, flushed whole; a resumed run appends to it
+    checkpoints/    Trainer checkpoints `checkpoint-<step>/` (the last `train.save_total_limit`), each written
+                    into `checkpoints/.staging/` and renamed into place, so every `checkpoint-<step>` is complete
+    model/          the final model or adapter, with its tokenizer (written beside, then renamed)
+    summary.json    status, metrics and speed (written atomically at the start and the end)
+    pid             the id of the process training the run, while it runs ("signals" on a second line when
+                    SIGINT stops it cleanly, as for the CLI)
+    stop            created by `finetui attach` (engine.detach.request_stop) to ask the run to stop
+    run.log         stdout and stderr of a detached run (`finetui run --detach`)
     error.log       the traceback of a failed run
 """
 
@@ -13,12 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import tomli_w
 
 from engine.config import ConfigError, RunConfig, build_config, config_to_dict, read_preset_file
@@ -30,6 +38,13 @@ SUMMARY_FILE = "summary.json"
 ERROR_FILE = "error.log"
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
+PID_FILE = "pid"
+STOP_FILE = "stop"
+LOG_FILE = "run.log"
+STAGING_DIR = ".staging"
+TERMINAL_STATUSES = ("finished", "failed", "stopped")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_TRAINER_STATE = "trainer_state.json"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -46,9 +61,61 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, then the directories, so a completed rename never exposes lost data."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Move the complete directory `staged` to `target`, replacing an old `target` without a moment of neither.
+
+    The old one is first renamed aside (`.old-<name>`) and deleted after the new one is in place. A kill
+    between the two renames leaves the old one complete under `.old-<name>`, and `clean_partial_writes` puts
+    it back.
+    """
+    old = target.parent / f".old-{target.name}"
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staged, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
 def create_run_dir(config: RunConfig, output_dir: Path | None = None) -> Path:
     """Create a fresh, never reused run directory and write the resolved config into it."""
     parent = Path(output_dir or config.train.output_dir).expanduser()
+    if is_run_dir(parent):
+        raise ConfigError(
+            f"{parent} is a run directory, and runs are never written into each other; "
+            f"continue it with finetui run --resume {parent}, or pick another --output-dir"
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +141,117 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _CHECKPOINT_NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first. Only complete ones carry the name `checkpoint-<step>`."""
+    root = run_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [
+        path
+        for path in root.iterdir()
+        if path.is_dir() and checkpoint_step(path) is not None and (path / _TRAINER_STATE).is_file()
+    ]
+    return sorted(found, key=lambda path: checkpoint_step(path) or 0)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The last complete checkpoint of a run, the one `--resume` continues from."""
+    checkpoints = complete_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def rotate_checkpoints(run_dir: Path, keep: int | None) -> None:
+    """Delete all but the last `keep` checkpoints (renamed aside first, so none is ever seen half-deleted)."""
+    if not keep:
+        return
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        trash = old.parent / f".trash-{old.name}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_partial_writes(run_dir: Path) -> None:
+    """Remove what an interrupted write left behind (staging and trash folders, temporary files), and put
+    back a complete folder that `replace_dir` had moved aside when the kill came."""
+    for folder in (run_dir, run_dir / CHECKPOINTS_DIR):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            original = folder / path.name.removeprefix(".old-")
+            if path.name.startswith(".old-") and not original.exists():
+                os.replace(path, original)  # killed between moving the old one aside and the new one in
+                continue
+            if path.name.startswith((".trash-", ".old-", STAGING_DIR, f".{MODEL_DIR}.")) or (
+                path.name.startswith(".") and path.name.endswith(".tmp")
+            ):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
+def write_pid(run_dir: Path, pid: int | None = None, *, signals: bool = False) -> None:
+    """Record the process training the run; `signals`: it turns SIGINT into a clean stop (the CLI does)."""
+    write_atomic(run_dir / PID_FILE, f"{pid or os.getpid()}\n" + ("signals\n" if signals else ""))
+
+
+def stops_on_signal(run_dir: Path) -> bool:
+    try:
+        return "signals" in (run_dir / PID_FILE).read_text(encoding="utf-8").split()[1:]
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def stop_requested_by_file(run_dir: Path) -> bool:
+    """Whether another process asked this run to stop by creating `stop` in its directory (`request_stop`)."""
+    return (run_dir / STOP_FILE).exists()
+
+
+def remove_pid(run_dir: Path, pid: int | None = None) -> None:
+    """Remove the pid file if it still names `pid` (this process by default)."""
+    if read_pid(run_dir) == (pid or os.getpid()):
+        (run_dir / PID_FILE).unlink(missing_ok=True)
+
+
+def read_pid(run_dir: Path) -> int | None:
+    try:
+        return int((run_dir / PID_FILE).read_text(encoding="utf-8").split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+def live_pid(run_dir: Path) -> int | None:
+    """The id of the process training this run, if it is still alive (not a later process that reused the id)."""
+    pid = read_pid(run_dir)
+    if pid is None:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if process.create_time() > (run_dir / PID_FILE).stat().st_mtime + 2.0:
+            return None  # the id now belongs to a process started after the pid file was written
+    except (psutil.Error, OSError):
+        return None
+    return pid
+
+
+def run_status(run_dir: Path, summary: dict[str, Any] | None = None) -> str:
+    """finished, failed, stopped, running, or interrupted (its process died without recording an end)."""
+    summary = summary if summary is not None else read_summary(run_dir)
+    status = summary.get("status", "running") if summary else "running"
+    if status not in TERMINAL_STATUSES and read_pid(run_dir) is not None and live_pid(run_dir) is None:
+        return "interrupted"
+    return status
 
 
 class EventFollower:
@@ -121,6 +297,21 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunCon
     return build_config(read_preset_file(path), overrides)
 
 
+def check_resumable(run_dir: Path) -> RunConfig:
+    """The config of a run that `--resume` may continue, or a one-line ConfigError saying why not."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such run directory")
+    config = load_run_config(run_dir)
+    summary = read_summary(run_dir) or {}
+    if summary.get("status") == "finished":
+        raise ConfigError(f"{run_dir}: the run already finished; nothing to resume (start a new run instead)")
+    pid = live_pid(run_dir)
+    if pid is not None and pid != os.getpid():
+        raise ConfigError(f"{run_dir}: the run is still running (pid {pid}); follow it with finetui attach {run_dir}")
+    return config
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """What a list of runs shows about one run directory."""
@@ -148,7 +339,7 @@ def list_runs(output_dir: Path) -> list[RunInfo]:
             RunInfo(
                 path=run_dir,
                 name=config.name,
-                status=summary["status"] if summary else "running",
+                status=run_status(run_dir, summary),
                 strategy=config.strategy.kind,
                 model=config.model.id,
                 started=config_path.stat().st_mtime,

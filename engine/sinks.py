@@ -7,8 +7,10 @@ same training code drives the CLI, the TUI (a sink that posts Textual messages) 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -40,20 +42,38 @@ def event_to_json(event: Event) -> str:
 
 
 class JsonlFileSink:
-    """Appends one JSON object per line and flushes it whole, so a reader never sees half an event."""
+    """Appends one JSON object per line, each line in one `write` call, so a reader never sees half an event.
+
+    Opening an existing file (a resumed run) first ends a line cut short by a killed writer, so that the
+    half line stays one unreadable line (readers skip it) instead of spoiling the next event.
+    """
 
     def __init__(self, path: Path) -> None:
-        self._file = path.open("a", encoding="utf-8")
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
+        size = os.fstat(self._fd).st_size
+        if size:
+            with path.open("rb") as handle:
+                handle.seek(size - 1)
+                if handle.read(1) != b"\n":
+                    self._write(b"\n")
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
 
     def emit(self, event: Event) -> None:
-        line = event_to_json(event) + "\n"
+        line = (event_to_json(event) + "\n").encode("utf-8")
         with self._lock:
-            self._file.write(line)
-            self._file.flush()
+            self._write(line)
 
     def close(self) -> None:
-        self._file.close()
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class JsonLinesSink:
@@ -78,6 +98,56 @@ class ListSink:
 
     def of_type(self, cls: type[Event]) -> list[Any]:
         return [e for e in self.events if isinstance(e, cls)]
+
+
+class GuardedSink:
+    """A view that may go away (a closed terminal, a broken pipe): the first OSError silences it for good.
+
+    Training goes on and events.jsonl stays complete; only the display stops.
+    """
+
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+        self.broken = False
+
+    def emit(self, event: Event) -> None:
+        if self.broken:
+            return
+        try:
+            self.sink.emit(event)
+        except (OSError, ValueError):  # BrokenPipeError, EIO on a hung-up tty, "I/O operation on closed file"
+            self.broken = True
+
+
+class TextLogSink:
+    """Plain text lines for a detached run's `run.log`: what is happening, without the per-step noise."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream or sys.stdout
+
+    def emit(self, event: Event) -> None:
+        match event:
+            case RunStarted():
+                resumed = f" (resumed from step {event.resumed_from_step})" if event.resumed_from_step else ""
+                line = f"run started: {event.strategy} on {event.model} -> {event.run_dir}{resumed}"
+            case Log():
+                line = f"{event.level}: {event.message}"
+            case Checkpoint():
+                line = f"checkpoint {event.path}"
+            case Eval():
+                line = f"{event.split} @ step {event.step}: " + "  ".join(
+                    f"{k} {v:.4f}" for k, v in event.metrics.items()
+                )
+            case RunFinished():
+                line = "finished"
+            case RunStopped():
+                line = f"stopped at step {event.step} (checkpoint: {event.checkpoint})"
+            case RunFailed():
+                line = f"failed: {event.error}"
+            case _:
+                return
+        self._stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        self._stream.flush()
 
 
 class FanoutSink:
@@ -141,8 +211,9 @@ def memory_table(memory: dict[str, Any]) -> Table:
 class RichProgressSink:
     """The terminal view of `finetui run`: freeze map, a progress bar with loss and speed, eval lines."""
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, *, show_errors: bool = False) -> None:
         self.console = console or Console(stderr=False)
+        self.show_errors = show_errors  # `finetui attach` shows the run's error; `run` prints it on stderr
         self._progress = Progress(
             TextColumn("[bold]step {task.completed}/{task.total}"),
             BarColumn(),
@@ -167,7 +238,13 @@ class RichProgressSink:
     def emit(self, event: Event) -> None:
         match event:
             case RunStarted():
-                self.console.print(f"[bold]{event.name}[/]: {event.strategy} on {event.model} -> {event.run_dir}")
+                self._stop_progress()
+                resumed = ""
+                if event.resumed_from_step is not None:
+                    resumed = f" [yellow](resumed from step {event.resumed_from_step})[/]"
+                self.console.print(
+                    f"[bold]{event.name}[/]: {event.strategy} on {event.model} -> {event.run_dir}{resumed}"
+                )
             case FreezeMapReady():
                 self.console.print(freeze_map_table(event.freeze_map))
                 if event.freeze_map.get("memory"):
@@ -205,3 +282,5 @@ class RichProgressSink:
                 self.console.print(f"[yellow]stopped at step {event.step}[/] (checkpoint: {event.checkpoint})")
             case RunFailed():
                 self._stop_progress()  # the CLI reports the error itself, as one line on stderr
+                if self.show_errors:
+                    self.console.print(f"[red]failed[/]: {event.error}")

@@ -7,10 +7,13 @@ Trainer's logs, evaluations and checkpoints into engine events and stops trainin
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -27,20 +30,44 @@ import transformers
 from peft import PeftModel
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import EvalPrediction, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from engine import data as data_lib
 from engine import models
 from engine.config import ConfigError, RunConfig
 from engine.events import Checkpoint, Eval, FreezeMapReady, Log, RunFailed, RunFinished, RunStarted, RunStopped, Step
+from engine.faults import (
+    NonFiniteLoss,
+    disk_full_message,
+    is_disk_full,
+    is_out_of_memory,
+    nonfinite_loss_message,
+    oom_message,
+)
 from engine.freeze_map import compute_freeze_map
+from engine.preflight import check_run_config
 from engine.runs import (
     CHECKPOINTS_DIR,
     ERROR_FILE,
     EVENTS_FILE,
     MODEL_DIR,
+    STAGING_DIR,
+    STOP_FILE,
+    check_resumable,
+    checkpoint_step,
+    clean_partial_writes,
     create_run_dir,
+    fsync_tree,
+    latest_checkpoint,
     load_run_config,
     read_summary,
+    remove_pid,
+    replace_dir,
+    rotate_checkpoints,
+    write_pid,
     write_summary,
 )
 from engine.sinks import EventSink, FanoutSink, JsonlFileSink
@@ -92,13 +119,25 @@ def _split_metrics(metrics: dict[str, float], prefix: str, task: str) -> dict[st
     return clean
 
 
+class StopRequested(Exception):
+    """Raised inside evaluation when a stop is requested (training itself stops at the next step instead)."""
+
+
 class EventBridge(TrainerCallback):
     """Turns Trainer callbacks into engine events; sets `should_training_stop` when a stop is requested."""
 
-    def __init__(self, sink: EventSink, task: str, stop_event: threading.Event | None, samples_per_step: int) -> None:
+    def __init__(
+        self,
+        sink: EventSink,
+        task: str,
+        stop_event: threading.Event | None,
+        samples_per_step: int,
+        stop_file: Path | None = None,
+    ) -> None:
         self.sink = sink
         self.task = task
         self.stop_event = stop_event
+        self.stop_file = stop_file
         self.samples_per_step = samples_per_step
         self.stopped_at: int | None = None
         self._started = time.monotonic()
@@ -106,16 +145,30 @@ class EventBridge(TrainerCallback):
         self._first_tokens = 0
         self._process = psutil.Process()
 
+    def stop_requested(self) -> bool:
+        if self.stop_event is not None and self.stop_event.is_set():
+            return True
+        return self.stop_file is not None and self.stop_file.exists()
+
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self._started = time.monotonic()
         self._first_step = state.global_step
         self._first_tokens = state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if self.stop_event is not None and self.stop_event.is_set() and self.stopped_at is None:
+        if self.stop_requested() and self.stopped_at is None:
             self.stopped_at = state.global_step
             control.should_training_stop = True
             control.should_save = True
+            control.should_evaluate = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.stopped_at is not None:
+            control.should_evaluate = False
+
+    def on_prediction_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.stop_requested():
+            raise StopRequested
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
         if not logs or "loss" not in logs:
@@ -243,18 +296,24 @@ def _train_feature(
     model: torch.nn.Module,
     prepared: data_lib.PreparedData,
     sink: EventSink,
-    model_dir: Path,
+    staged: dict[str, Any],
+    check_stop: Any,
 ) -> tuple[dict[str, dict[str, float]], float, float]:
-    """Feature-based: embed every split once with the frozen model, fit a logistic regression on train."""
+    """Feature-based: embed every split once with the frozen model, fit a logistic regression on train.
+
+    The fitted classifier goes into `staged["classifier"]`; the caller saves it with the final model.
+    """
     batch_size = config.train.eval_batch_size or 2 * config.train.batch_size
     started = time.monotonic()
     features = {}
     for split, dataset in (("train", prepared.train), ("validation", prepared.validation), ("test", prepared.test)):
         if dataset is None:
             continue
+        check_stop()
         sink.emit(Log(level="info", message=f"embedding {split} ({len(dataset)} examples)"))
         x = strategy.embed(model, dataset, prepared.collator, batch_size=batch_size, pooling=config.strategy.pooling)
         features[split] = (x, np.asarray(dataset["labels"]))
+    check_stop()
     sink.emit(Log(level="info", message=f"fitting logistic regression on {features['train'][0].shape} features"))
     classifier = strategy.fit_classifier(*features["train"], c=config.strategy.classifier_c, seed=config.train.seed)
     runtime = time.monotonic() - started
@@ -267,11 +326,111 @@ def _train_feature(
         }
         if split != "train":
             sink.emit(Eval(step=0, epoch=1.0, split=split, metrics=metrics[split]))
-    strategy.save_classifier(classifier, prepared.label_names, model_dir)
+    staged["classifier"] = classifier
     return metrics, runtime, len(prepared.train) / runtime if runtime > 0 else 0.0
 
 
-def _train_with_trainer(
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """HF's length-grouped sampler with an order that depends only on (seed, epoch), not on the global RNG.
+
+    The stock sampler draws from the global torch RNG when an epoch starts, whose state depends on every
+    dropout mask drawn before; a run resumed in the middle of epoch 2 would then see a different order than
+    the uninterrupted run. Seeding each epoch from `seed + epoch` makes the order reproducible on resume
+    (accelerate's dataloader calls `set_epoch` at every epoch, also after skipping the trained batches).
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class FinetuiTrainer(Trainer):
+    """The HF Trainer with what finetui promises on top: atomic checkpoints, a resumable data order,
+    and a stop at the first non-finite loss.
+
+    Checkpoints: Trainer writes `checkpoint-<step>/` file by file into its output directory. Here it writes
+    into `checkpoints/.staging/` instead; the finished folder is fsynced and renamed into place, then older
+    ones beyond `save_total_limit` are renamed aside and deleted. A `checkpoint-<step>` folder is therefore
+    always complete, whenever the process is killed. The pickled `training_args.bin` is not kept.
+    """
+
+    def __init__(self, *args: Any, data_seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._data_seed = data_seed
+        self._staging_root: Path | None = None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self._data_seed)
+        return sampler
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):  # type: ignore[no-untyped-def]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach().float().mean()))
+        return loss
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """Evaluation leaves the RNG as it found it (its dataloader draws a seed from the global generator).
+
+        Otherwise a checkpoint saved at the end of an epoch, just before the epoch's evaluation, would hold an
+        RNG state that the uninterrupted run no longer has when the next epoch starts, and a run resumed from
+        it would draw different dropout masks.
+        """
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return super().evaluate(*args, **kwargs)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self._staging_root is not None:
+            return str(self._staging_root)
+        return super()._get_output_dir(trial)
+
+    def _check_weights_finite(self) -> None:
+        for parameter in self.model.parameters():
+            if parameter.requires_grad and not bool(torch.isfinite(parameter).all()):
+                raise NonFiniteLoss(self.state.global_step, float("nan"), what="weights")
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        self._check_weights_finite()  # never replace a good checkpoint by a diverged one
+        final_root = Path(super()._get_output_dir(trial))
+        staging_root = final_root / STAGING_DIR
+        main = self.args.should_save
+        distributed = self.args.world_size > 1
+        if main:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        if distributed:
+            self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        if distributed:
+            self.accelerator.wait_for_everyone()
+        if main:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            staged = staging_root / name
+            (staged / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+            fsync_tree(staged)
+            replace_dir(staged, final_root / name)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(final_root.parent, self.args.save_total_limit)
+        if distributed:
+            self.accelerator.wait_for_everyone()
+
+
+def _build_trainer(
     config: RunConfig,
     model: torch.nn.Module,
     prepared: data_lib.PreparedData,
@@ -281,7 +440,7 @@ def _train_with_trainer(
     device: str,
     precision: str,
     stop_event: threading.Event | None,
-) -> tuple[dict[str, dict[str, float]], float, float, EventBridge, Trainer]:
+) -> tuple[FinetuiTrainer, EventBridge]:
     task = config.model.task
     args = training_arguments(config, run_dir / CHECKPOINTS_DIR, device=device, precision=precision)
     bridge = EventBridge(
@@ -289,9 +448,10 @@ def _train_with_trainer(
         task,
         stop_event,
         samples_per_step=args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        stop_file=run_dir / STOP_FILE,
     )
     classification = task == "classification"
-    trainer = Trainer(
+    trainer = FinetuiTrainer(
         model=model,
         args=args,
         train_dataset=prepared.train,
@@ -300,17 +460,43 @@ def _train_with_trainer(
         compute_metrics=classification_metrics if classification else None,
         preprocess_logits_for_metrics=_predicted_class if classification else None,
         callbacks=[bridge],
+        data_seed=config.train.seed,
     )
     trainer.remove_callback(PrinterCallback)  # the bridge reports logs as events; stdout stays clean
-    output = trainer.train()
-    metrics: dict[str, dict[str, float]] = {}
-    if bridge.stopped_at is None:
-        metrics["validation"] = _split_metrics(
-            trainer.evaluate(prepared.validation, metric_key_prefix="eval"), "eval", task
-        )
-        if prepared.test is not None:
-            metrics["test"] = _split_metrics(trainer.evaluate(prepared.test, metric_key_prefix="test"), "test", task)
-    return metrics, output.metrics["train_runtime"], output.metrics["train_samples_per_second"], bridge, trainer
+    return trainer, bridge
+
+
+def _final_metrics(trainer: Trainer, prepared: data_lib.PreparedData, task: str) -> dict[str, dict[str, float]]:
+    metrics = {
+        "validation": _split_metrics(trainer.evaluate(prepared.validation, metric_key_prefix="eval"), "eval", task)
+    }
+    if prepared.test is not None:
+        metrics["test"] = _split_metrics(trainer.evaluate(prepared.test, metric_key_prefix="test"), "test", task)
+    return metrics
+
+
+def _save_final(run_dir: Path, write: Any) -> Path:
+    """Write the final model folder beside the run (`.model.staging`), then rename it to `model/`."""
+    model_dir = run_dir / MODEL_DIR
+    staging = run_dir / f".{MODEL_DIR}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    write(staging)
+    (staging / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+    fsync_tree(staging)
+    replace_dir(staging, model_dir)
+    return model_dir
+
+
+def prepare_run_dir(config: RunConfig, output_dir: Path | None = None) -> tuple[RunConfig, Path]:
+    """Check a config, resolve `model.task`, and create its run directory (with config.toml).
+
+    Raises ConfigError (bad input, nothing created) for problems found before any data or weights load.
+    """
+    quiet_library_output()
+    check_run_config(config, output_dir)
+    config = config.with_task(models.resolve_task(config.model))
+    return config, create_run_dir(config, output_dir)
 
 
 def run_training(
@@ -319,23 +505,96 @@ def run_training(
     *,
     output_dir: Path | None = None,
     stop_event: threading.Event | None = None,
+    signal_stop: bool = False,
 ) -> RunResult:
     """Train, evaluate and save one run; every step of the way is an event on `sink` and in events.jsonl.
 
-    Raises ConfigError only when there is no training data, the model is not found (`model.task = "auto"`
-    reads its config first) or the run directory cannot be created;
-    every later problem is recorded in the run directory (status `failed`) and returned.
+    Setting `stop_event` stops the run at the next step with a checkpoint (`run_stopped`); so does a `stop`
+    file in the run directory (`engine.detach.request_stop`). `signal_stop`: the caller turns SIGINT into
+    `stop_event` (the CLI does), so other processes may stop it with SIGINT too.
+
+    Raises ConfigError (and creates nothing) for mistakes found before the run directory exists: no or
+    missing data files, a model that cannot be found (`model.task = "auto"` reads its config first), an
+    output directory that cannot be written or is itself a run directory. Every later problem is recorded in
+    the run directory (status `failed`) and returned.
+    """
+    config, run_dir = prepare_run_dir(config, output_dir)
+    return _execute(config, run_dir, sink, stop_event=stop_event, resume=False, signal_stop=signal_stop)
+
+
+def resume_training(
+    run_dir: Path, sink: EventSink, *, stop_event: threading.Event | None = None, signal_stop: bool = False
+) -> RunResult:
+    """Continue a stopped, failed or interrupted run in its own directory from its last complete checkpoint.
+
+    Model or adapter weights, optimizer, scheduler, RNG states, data order and step counter come back from
+    the checkpoint (HF Trainer's `resume_from_checkpoint`); events append to the same events.jsonl, starting
+    with a `run_started` whose `resumed_from_step` is the checkpoint's step (0: no checkpoint yet, training
+    restarts; None: the directory was prepared but never started, as `start_detached` does).
+    Raises ConfigError when the directory is not a run, the run finished, or another process runs it.
     """
     quiet_library_output()
-    if not config.data.train:
-        raise ConfigError("data.train: no training data; set it in the preset or with --set data.train=FILE")
-    config = config.with_task(models.resolve_task(config.model))
-    run_dir = create_run_dir(config, output_dir)
+    run_dir = Path(run_dir)
+    config = check_resumable(run_dir)
+    return _execute(config, run_dir, sink, stop_event=stop_event, resume=True, signal_stop=signal_stop)
+
+
+def _training_done(checkpoint: Path) -> bool:
+    """Whether a checkpoint was written at the run's last optimizer step."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return 0 < int(state.get("max_steps") or 0) <= int(state.get("global_step") or 0)
+
+
+def _was_started(run_dir: Path) -> bool:
+    try:
+        with (run_dir / EVENTS_FILE).open("rb") as handle:
+            return b'"run_started"' in handle.readline()
+    except FileNotFoundError:
+        return False
+
+
+@dataclass
+class _Session:
+    """What the failure paths of `_execute` need to know about how far a run got."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    model: torch.nn.Module | None = None
+    trainer: FinetuiTrainer | None = None
+    in_training: bool = False
+
+    def step(self) -> int | None:
+        return self.trainer.state.global_step if self.trainer is not None else None
+
+
+def _execute(
+    config: RunConfig,
+    run_dir: Path,
+    sink: EventSink,
+    *,
+    stop_event: threading.Event | None,
+    resume: bool,
+    signal_stop: bool = False,
+) -> RunResult:
+    clean_partial_writes(run_dir)
+    stop_file = run_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)  # a request meant for an earlier session
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    resumed_from: int | None = None
+    if checkpoint is not None:
+        resumed_from = checkpoint_step(checkpoint)
+    elif resume and _was_started(run_dir):
+        resumed_from = 0
+    previous = (read_summary(run_dir) or {}) if resume else {}
     file_sink = JsonlFileSink(run_dir / EVENTS_FILE)
     events = FanoutSink(file_sink, sink)
     log_bridge = _LogBridge(events)
     for name in LOGGERS_BRIDGED:
         logging.getLogger(name).addHandler(log_bridge)
+    write_pid(run_dir, signals=signal_stop)
     task = config.model.task
     summary: dict[str, Any] = {
         "status": "running",
@@ -344,9 +603,18 @@ def run_training(
         "model": config.model.id,
         "task": task,
         "strategy": config.strategy.kind,
-        "started_at": time.time(),
+        "started_at": previous.get("started_at", time.time()),
     }
+    if resumed_from is not None:
+        summary.update(resumed_from_step=resumed_from, resumes=int(previous.get("resumes", 0)) + 1)
+    session = _Session()
+
+    def check_stop() -> None:
+        if (stop_event is not None and stop_event.is_set()) or stop_file.exists():
+            raise StopRequested
+
     try:
+        write_summary(run_dir, summary)
         events.emit(
             RunStarted(
                 run_dir=str(run_dir),
@@ -355,12 +623,17 @@ def run_training(
                 strategy=config.strategy.kind,
                 task=task,
                 config=config.model_dump(mode="json"),
+                resumed_from_step=resumed_from,
             )
         )
+        if checkpoint is not None:
+            events.emit(Log(level="info", message=f"resuming from {checkpoint.name}"))
+        elif resumed_from == 0:
+            events.emit(Log(level="warning", message="no complete checkpoint yet: training restarts from step 0"))
         torch.manual_seed(config.train.seed)
         torch.set_num_threads(len(os.sched_getaffinity(0)))
-        device = resolve_device()
-        precision = resolve_precision(config.train.precision, device)
+        device = session.device = resolve_device()
+        precision = session.precision = resolve_precision(config.train.precision, device)
         if device == "cpu" and precision == "bf16":
             events.emit(
                 Log(level="warning", message="bf16 on a CPU is often far slower than fp32 (train.precision=auto)")
@@ -370,11 +643,14 @@ def run_training(
                 Log(level="warning", message="model.trust_remote_code is on: code from the model repo will run")
             )
         strategy = get_strategy(config.strategy, task)
+        strategy.quantization_config(on_cuda=device == "cuda")  # QLoRA: a missing bitsandbytes fails here, early
+        check_stop()
         events.emit(Log(level="info", message=f"loading tokenizer and data (device {device}, {precision})"))
         tokenizer = models.load_tokenizer(config.model)
         prepared = data_lib.prepare_data(config.data, task=task, tokenizer=tokenizer, seed=config.train.seed)
         for warning in prepared.warnings:
             events.emit(Log(level="warning", message=warning))
+        check_stop()
         num_labels = config.model.num_labels or prepared.num_labels
         events.emit(Log(level="info", message=f"loading model {config.model.id}"))
         model = _load_for_strategy(
@@ -385,7 +661,7 @@ def run_training(
             device=device,
             precision=precision,
         )
-        model = strategy.prepare(model)
+        model = session.model = strategy.prepare(model)
         freeze_map = compute_freeze_map(
             model,
             batch_size=config.train.batch_size,
@@ -403,30 +679,57 @@ def run_training(
             device=device,
             precision=precision,
         )
-        model_dir = run_dir / MODEL_DIR
+        check_stop()
         if strategy.trains_with_trainer:
-            metrics, runtime, samples_per_s, bridge, trainer = _train_with_trainer(
+            trainer, bridge = _build_trainer(
                 config, model, prepared, events, run_dir, device=device, precision=precision, stop_event=stop_event
             )
-            summary.update(steps=trainer.state.global_step, epochs=float(trainer.state.epoch or 0.0))
+            session.trainer = trainer
+            if checkpoint is not None and _training_done(checkpoint):
+                # Killed after the last step (while evaluating or saving): HF Trainer would run one step too
+                # many when resumed at max_steps in mid-epoch, so load the final weights and go on from there.
+                trainer._load_from_checkpoint(str(checkpoint))
+                trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+                runtime = float(previous.get("train_runtime_s") or 0.0)
+                samples_per_s = float(previous.get("train_samples_per_second") or 0.0)
+            else:
+                session.in_training = True
+                output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+                session.in_training = False
+                runtime = output.metrics["train_runtime"]
+                samples_per_s = output.metrics["train_samples_per_second"]
+            summary.update(
+                steps=trainer.state.global_step,
+                epochs=float(trainer.state.epoch or 0.0),
+                train_runtime_s=runtime,
+                train_samples_per_second=samples_per_s,
+            )
             if bridge.stopped_at is not None:
-                checkpoint = run_dir / CHECKPOINTS_DIR / f"checkpoint-{bridge.stopped_at}"
-                summary.update(status="stopped", train_runtime_s=runtime, train_samples_per_second=samples_per_s)
-                summary["finished_at"] = time.time()
-                write_summary(run_dir, summary)
-                events.emit(
-                    RunStopped(step=bridge.stopped_at, checkpoint=str(checkpoint) if checkpoint.exists() else None)
-                )
-                return RunResult("stopped", run_dir, summary, EXIT_STOPPED)
-            trainer.save_model(str(model_dir))
+                raise StopRequested
+            last = latest_checkpoint(run_dir)
+            if last is None or checkpoint_step(last) != trainer.state.global_step:
+                trainer._save_checkpoint(trainer.model, trial=None)  # evaluation and saving can resume from here
+            metrics = _final_metrics(trainer, prepared, task)
+
+            def write_model(folder: Path) -> None:
+                trainer.save_model(str(folder))
+                tokenizer.save_pretrained(str(folder))
+
         else:
-            metrics, runtime, samples_per_s = _train_feature(config, strategy, model, prepared, events, model_dir)
+            staged_classifier: dict[str, Any] = {}
+            metrics, runtime, samples_per_s = _train_feature(
+                config, strategy, model, prepared, events, staged_classifier, check_stop
+            )
             metrics.pop("train", None)
-        tokenizer.save_pretrained(str(model_dir))
+            summary.update(train_runtime_s=runtime, train_samples_per_second=samples_per_s)
+
+            def write_model(folder: Path) -> None:
+                strategy.save_classifier(staged_classifier["classifier"], prepared.label_names, folder)
+                tokenizer.save_pretrained(str(folder))
+
+        model_dir = _save_final(run_dir, write_model)
         summary.update(
             status="finished",
-            train_runtime_s=runtime,
-            train_samples_per_second=samples_per_s,
             validation=metrics.get("validation"),
             test=metrics.get("test"),
             model_dir=str(model_dir),
@@ -435,18 +738,63 @@ def run_training(
         write_summary(run_dir, summary)
         events.emit(RunFinished(summary=summary))
         return RunResult("finished", run_dir, summary, EXIT_OK)
+    except StopRequested:
+        return _stopped(run_dir, summary, events, session)
     except Exception as exc:
-        user_error = isinstance(exc, ConfigError)
-        message = str(exc) if user_error else f"{type(exc).__name__}: {exc}"
-        (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
-        summary.update(status="failed", error=message, finished_at=time.time())
-        write_summary(run_dir, summary)
-        events.emit(RunFailed(error=message, user_error=user_error))
-        return RunResult("failed", run_dir, summary, EXIT_BAD_INPUT if user_error else EXIT_FAILED)
+        return _failed(exc, config, run_dir, summary, events, session)
     finally:
         for name in LOGGERS_BRIDGED:
             logging.getLogger(name).removeHandler(log_bridge)
         file_sink.close()
+        stop_file.unlink(missing_ok=True)
+        remove_pid(run_dir)
+
+
+def _stopped(run_dir: Path, summary: dict[str, Any], events: EventSink, session: _Session) -> RunResult:
+    """Record a requested stop; when it came between checkpoints (during an evaluation), checkpoint first."""
+    trainer = session.trainer
+    last = latest_checkpoint(run_dir)
+    if trainer is not None and trainer.state.global_step > (checkpoint_step(last) if last else 0) and trainer.optimizer:
+        trainer._save_checkpoint(trainer.model, trial=None)
+        last = latest_checkpoint(run_dir)
+    step = trainer.state.global_step if trainer is not None else (checkpoint_step(last) if last else 0) or 0
+    summary.update(status="stopped", finished_at=time.time())
+    if trainer is not None:
+        summary.update(steps=step, epochs=float(trainer.state.epoch or 0.0))
+    write_summary(run_dir, summary)
+    events.emit(RunStopped(step=step, checkpoint=str(last) if last is not None else None))
+    return RunResult("stopped", run_dir, summary, EXIT_STOPPED)
+
+
+def _failed(
+    exc: Exception, config: RunConfig, run_dir: Path, summary: dict[str, Any], events: EventSink, session: _Session
+) -> RunResult:
+    """Record a failure with a one-line message: bad input (exit 2) or a training fault (exit 1)."""
+    user_error = isinstance(exc, ConfigError)
+    last = latest_checkpoint(run_dir)
+    kept = str(last) if last is not None else None
+    step = session.step()
+    if user_error:
+        reason, message = "bad_input", str(exc)
+    elif isinstance(exc, NonFiniteLoss):
+        reason, message, step = "nan_loss", nonfinite_loss_message(exc, config, session.precision, kept), exc.step
+    elif is_out_of_memory(exc):
+        failed_step = step + 1 if step is not None and session.in_training else None
+        reason, message = "out_of_memory", oom_message(exc, config, session.model, session.device, failed_step)
+    elif is_disk_full(exc):
+        reason, message = "disk_full", disk_full_message(exc, str(run_dir))  # type: ignore[arg-type]
+    else:
+        reason, message = "error", f"{type(exc).__name__}: {exc}"
+    message = " ".join(message.split())  # one line, whatever the exception text held
+    with contextlib.suppress(OSError):  # a full disk must not hide the failure itself
+        (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+    summary.update(status="failed", error=message, reason=reason, finished_at=time.time())
+    if step is not None:
+        summary["steps"] = step
+    with contextlib.suppress(OSError):
+        write_summary(run_dir, summary)
+    events.emit(RunFailed(error=message, user_error=user_error, step=step, reason=reason, checkpoint=kept))
+    return RunResult("failed", run_dir, summary, EXIT_BAD_INPUT if user_error else EXIT_FAILED)
 
 
 def evaluate_run(run_dir: Path, data_source: str, overrides: list[str] | None = None) -> dict[str, float]:

@@ -1,0 +1,91 @@
+"""Checks a run config can pass before anything heavy is imported or any run directory is created.
+
+`finetui run` calls these before loading torch, so a typo in a path or an unwritable output directory costs
+a fraction of a second and leaves nothing behind. Everything checked here is checked again, in more depth,
+where the data or model is actually read; this module only catches what needs no library to see.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from engine.config import ConfigError, RunConfig
+from engine.runs import CONFIG_FILE
+
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        source.startswith(("/", ".", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in DATA_SUFFIXES
+    )
+
+
+def check_data_file(role: str, source: str) -> None:
+    """A local data file must exist, be a file and hold something; hub ids are left to the loader."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if _looks_like_path(source):
+            raise ConfigError(f"data.{role}: {source}: no such file; check the path (relative to the working dir)")
+        return
+    if path.is_dir():
+        raise ConfigError(f"data.{role}: {source}: is a directory; give a data file (csv, tsv, json, jsonl, parquet)")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"data.{role}: {source}: the file is empty; give a file with rows")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"data.{role}: {source}: not readable (permissions)")
+
+
+def check_model_path(model_id: str) -> None:
+    """A local model folder must hold a config.json; a file must be a .gguf. Builtins and hub ids pass."""
+    if model_id.startswith("builtin:"):
+        return
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.id: {model_id} holds no model (no config.json); point it at a model folder")
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise ConfigError(f"model.id: {model_id} is a file; expected a model folder or a .gguf file")
+    elif model_id.startswith((".", "/", "~")) or model_id.endswith(".gguf"):
+        raise ConfigError(f"model.id: {model_id} does not exist; give a model folder, a .gguf file or a hub id")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """The parent of new run directories: a writable directory (or creatable), and not itself a run."""
+    path = output_dir.expanduser()
+    if (path / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{path} is a run directory, and runs are never written into each other; "
+            f"continue it with finetui run --resume {path}, or pick another --output-dir"
+        )
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"train.output_dir: {probe} is a file, not a directory; choose another --output-dir")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir: {probe} is not writable; choose another --output-dir")
+
+
+def check_run_config(config: RunConfig, output_dir: Path | None = None) -> None:
+    """Raise a one-line ConfigError for the mistakes visible without loading anything."""
+    data = config.data
+    if not data.train:
+        raise ConfigError("data.train: no training data; set it in the preset or with --set data.train=FILE")
+    check_data_file("train", data.train)
+    train_is_file = Path(data.train).expanduser().is_file()
+    for role, source in (("validation", data.validation), ("test", data.test)):
+        # With a hub dataset for train, validation/test may name its splits ("test").
+        if source and (train_is_file or _looks_like_path(source) or Path(source).expanduser().exists()):
+            if not Path(source).expanduser().exists():
+                raise ConfigError(f"data.{role}: {source}: no such file; check the path")
+            check_data_file(role, source)
+    check_model_path(config.model.id)
+    check_output_dir(Path(output_dir or config.train.output_dir))

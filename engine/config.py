@@ -7,13 +7,14 @@ names the field (`ConfigError`), never a traceback.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-StrategyKind = Literal["feature", "head", "last_layers", "full", "lora", "dora", "qlora"]
+StrategyKind = Literal["feature", "head", "last_layers", "full", "lora", "dora", "qlora", "custom"]
 STRATEGY_KINDS: tuple[str, ...] = StrategyKind.__args__  # type: ignore[attr-defined]
 PATH_FIELDS = (("data", "train"), ("data", "validation"), ("data", "test"), ("model", "id"))
 
@@ -81,7 +82,7 @@ class DataConfig(_Section):
 
 class StrategyConfig(_Section):
     kind: StrategyKind = "lora"
-    """feature, head, last_layers, full, lora, dora or qlora."""
+    """feature, head, last_layers, full, lora, dora, qlora or custom."""
     layers: int = Field(default=2, ge=1)
     """`last_layers`: how many of the last transformer blocks train with the output layers."""
     r: int = Field(default=8, ge=1, le=4096)
@@ -100,6 +101,8 @@ class StrategyConfig(_Section):
     """`qlora`: 4-bit data type."""
     double_quant: bool = True
     """`qlora`: quantise the quantisation constants too (saves ~0.4 bit per parameter)."""
+    trainable: list[str] = []
+    """`custom`: the freeze-map groups that train, e.g. ["classifier", "bert.encoder.layer.5"]; all else is frozen."""
 
     @field_validator("target_modules")
     @classmethod
@@ -109,6 +112,14 @@ class StrategyConfig(_Section):
         if isinstance(value, list) and not value:
             raise ValueError("must not be an empty list")
         return value
+
+    @model_validator(mode="after")
+    def _custom_names_its_groups(self) -> StrategyConfig:
+        if self.kind == "custom" and not self.trainable:
+            raise ValueError(
+                "strategy.trainable: custom needs at least one freeze-map group (`finetui inspect` lists them)"
+            )
+        return self
 
 
 class TrainConfig(_Section):
@@ -187,15 +198,55 @@ class RunConfig(_Section):
 
 def format_validation_error(error: ValidationError) -> str:
     """The first problem of a pydantic error as one line: `field: what is wrong (got value)`."""
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"]) or "preset"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
+    return _error_line(error.errors()[0])
+
+
+def _error_line(error: Any) -> str:
+    """One pydantic error (an item of `ValidationError.errors()`) as one line: `field: what is wrong (got value)`."""
+    location = ".".join(str(part) for part in error["loc"]) or "preset"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
         return f"{location}: unknown key (check the spelling; `finetui presets --keys` lists them)"
-    got = first.get("input")
+    got = error.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     prefix = "" if message.startswith(location) else f"{location}: "
     return f"{prefix}{message}{shown}"
+
+
+def _field_path(error: Any) -> str:
+    """The dotted path of the field an error is about: the leading field names of its `loc` (union-member tags
+    and list indexes dropped), or, for a check across fields, the `section.key` its message starts with."""
+    parts: list[str] = []
+    model: Any = RunConfig
+    for part in error["loc"]:
+        fields = getattr(model, "model_fields", {}) if model is not None else {}
+        if not isinstance(part, str) or part not in fields:
+            if error["type"] == "extra_forbidden" and isinstance(part, str):
+                parts.append(part)
+            break
+        parts.append(part)
+        annotation = fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    named = re.match(r"([a-z_]+(?:\.[a-z_]+)+):", error["msg"].removeprefix("Value error, "))
+    if named and (not parts or named.group(1).startswith(f"{'.'.join(parts)}.")):
+        return named.group(1)
+    return ".".join(parts)
+
+
+def field_errors(data: dict[str, Any]) -> dict[str, str]:
+    """Every problem of a raw preset dict, keyed by the dotted path of its field (`train.lr`, `strategy.trainable`).
+
+    The messages are worded as `format_validation_error` words them (one line each); the first problem of a field
+    wins. An empty dict means the data validates. Problems that name no field are keyed by "".
+    """
+    try:
+        RunConfig.model_validate(data)
+    except ValidationError as exc:
+        errors: dict[str, str] = {}
+        for error in exc.errors():
+            errors.setdefault(_field_path(error), _error_line(error))
+        return errors
+    return {}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,13 +1,15 @@
 """Fine-tuning strategies by `strategy.kind`: which parameters learn, and how the model is loaded for it.
 
 feature (frozen embeddings + logistic regression), head (Finetuning I: output layers), last_layers (output
-layers + the top blocks), full (Finetuning II: everything), lora, dora and qlora (peft adapters).
+layers + the top blocks), full (Finetuning II: everything), lora, dora and qlora (peft adapters), and custom
+(exactly the freeze-map groups listed in `strategy.trainable`).
 """
 
 from __future__ import annotations
 
 from engine.config import StrategyConfig
 from engine.strategies.base import Strategy, StrategyError
+from engine.strategies.custom import CustomStrategy
 from engine.strategies.feature import FeatureStrategy
 from engine.strategies.full import FullStrategy
 from engine.strategies.head import HeadStrategy
@@ -25,6 +27,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         LoraStrategy,
         DoraStrategy,
         QloraStrategy,
+        CustomStrategy,
     )
 }
 

@@ -26,6 +26,9 @@ class LastLayersStrategy(Strategy):
             raise StrategyError(f"strategy.kind: last_layers needs transformer blocks ({exc}); use head") from None
         wanted = self.config.layers
         if wanted > len(blocks):
-            raise StrategyError(f"strategy.layers: {wanted} is more than the model's {len(blocks)} blocks")
+            raise StrategyError(
+                f"strategy.layers: {wanted} is more than the model's {len(blocks)} blocks; "
+                f"use 1 to {len(blocks)} (or strategy.kind = full)"
+            )
         last_blocks = [f"{blocks_name}.{index}" for index in range(len(blocks) - wanted, len(blocks))]
         return train_only(model, [*output_module_names(model, self.task), *last_blocks])

@@ -177,9 +177,10 @@ def lora_names(model: torch.nn.Module) -> set[str]:
 
 
 def test_registry_covers_every_kind_with_its_flags() -> None:
-    assert set(STRATEGIES) == {"feature", "head", "last_layers", "full", "lora", "dora", "qlora"}
+    assert set(STRATEGIES) == {"feature", "head", "last_layers", "full", "lora", "dora", "qlora", "custom"}
     for kind in STRATEGIES:
-        strategy = get_strategy(StrategyConfig(kind=kind), "classification")
+        groups = ["classifier"] if kind == "custom" else []
+        strategy = get_strategy(StrategyConfig(kind=kind, trainable=groups), "classification")
         assert strategy.kind == kind
         assert strategy.is_peft == (kind in {"lora", "dora", "qlora"})
         assert strategy.trains_with_trainer == (kind != "feature")
@@ -232,7 +233,9 @@ def test_last_layers_with_every_block_on_llama_keeps_embeddings_frozen(tiny_llam
 def test_last_layers_refuses_more_layers_than_blocks(tiny_distilbert: Any) -> None:
     with pytest.raises(ConfigError) as error:
         prepare("last_layers", "classification", tiny_distilbert, layers=3)
-    assert str(error.value) == "strategy.layers: 3 is more than the model's 2 blocks"
+    assert (
+        str(error.value) == "strategy.layers: 3 is more than the model's 2 blocks; use 1 to 2 (or strategy.kind = full)"
+    )
 
 
 # full (Finetuning II)

@@ -1,0 +1,52 @@
+"""Hand-picked: train exactly the freeze-map groups listed in `strategy.trainable`, freeze everything else.
+
+The groups are the rows of the freeze map (`bert.embeddings`, `bert.encoder.layer.5`, `classifier`, ...), named
+by the same rules (`engine.freeze_map`), so a map toggled row by row in the TUI is trained exactly as shown.
+Pick it to try a split that no other strategy gives (say the embeddings and the top block, or every other
+block), or to reproduce such a split from a saved preset.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from engine.architecture import find_blocks, unwrap
+from engine.freeze_map import _embedding_names, _group_of, _head_names
+from engine.strategies.base import Strategy, StrategyError
+
+_LISTED_IN_ERRORS = 8
+
+
+def parameter_groups(model: nn.Module) -> dict[str, str]:
+    """Freeze-map group of every parameter, keyed by its name in `model.named_parameters()` (tied weights once)."""
+    base = unwrap(model)
+    try:
+        blocks_name, _ = find_blocks(base)
+    except ValueError:
+        blocks_name = ""
+    heads = _head_names(base)
+    embeddings = _embedding_names(base, blocks_name)
+    return {name: _group_of(name, heads, embeddings, blocks_name)[0] for name, _ in base.named_parameters()}
+
+
+class CustomStrategy(Strategy):
+    kind: ClassVar[str] = "custom"
+
+    def prepare(self, model: PreTrainedModel) -> nn.Module:
+        groups = parameter_groups(model)
+        wanted = set(self.config.trainable)
+        known = list(dict.fromkeys(groups.values()))
+        unknown = [name for name in self.config.trainable if name not in known]
+        if unknown:
+            shown = ", ".join(known[:_LISTED_IN_ERRORS]) + (", ..." if len(known) > _LISTED_IN_ERRORS else "")
+            raise StrategyError(
+                f"strategy.trainable: {unknown[0]!r} is not a freeze-map group of this model (groups: {shown})"
+            )
+        model.requires_grad_(False)
+        for name, parameter in model.named_parameters():
+            if groups[name] in wanted:
+                parameter.requires_grad_(True)
+        return model

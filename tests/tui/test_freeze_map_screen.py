@@ -1,0 +1,126 @@
+"""The freeze map screen: the engine's inspect report, recomputed as the strategy changes; rows toggle to custom."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+
+from textual.widgets import Input, Select, Static
+
+from engine.cli import main as cli_main
+from engine.config import build_config
+from engine.inspect import inspect_config
+from tests.tui.conftest import make_app, plain, quickstart, screen_text
+from tui.form import with_value
+from tui.screens.freeze_map import FreezeMapScreen, map_data
+from tui.widgets.freeze_table import FreezeMapTable, bar
+
+
+def cli_inspect(*args: str) -> dict:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli_main(["inspect", *args, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+async def open_map(app, pilot) -> FreezeMapScreen:  # type: ignore[no-untyped-def]
+    await pilot.press("f2")
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    assert isinstance(app.screen, FreezeMapScreen)
+    return app.screen
+
+
+async def test_quickstart_map_equals_inspect_json_and_follows_the_strategy() -> None:
+    app = make_app()
+    async with app.run_test(size=(120, 34)) as pilot:
+        screen = await open_map(app, pilot)
+        expected = cli_inspect("quickstart")
+        assert screen.report is not None
+        for key in ("total_params", "trainable_params", "trainable_percent", "layers", "memory"):
+            assert screen.report[key] == expected[key], key
+        totals = plain(screen.query_one("#fm-totals", Static))
+        assert f"total {expected['total_params']:,} parameters" in totals
+        assert f"trainable {expected['trainable_params']:,} (100 %)" in totals
+        assert screen.query_one(FreezeMapTable).row_count == len(expected["layers"]) == 9
+
+        screen.query_one("#fm-kind", Select).value = "last_layers"
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        option = screen.query_one("#fm-option", Input)
+        assert option.display and option.value == "2"
+        assert app.setup_data["strategy"]["kind"] == "last_layers"
+        expected = cli_inspect("quickstart", "--strategy", "last_layers")
+        assert screen.report["trainable_params"] == expected["trainable_params"] < expected["total_params"]
+        assert f"trainable {expected['trainable_params']:,}" in plain(screen.query_one("#fm-totals", Static))
+
+        option.value = "4"
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        more = cli_inspect("quickstart", "--strategy", "last_layers", "--set", "strategy.layers=4")
+        assert screen.report["trainable_params"] == more["trainable_params"] > expected["trainable_params"]
+
+        screen.query_one("#fm-kind", Select).value = "lora"
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        lora = cli_inspect("quickstart", "--strategy", "lora")
+        assert screen.report["trainable_params"] == lora["trainable_params"]
+        assert "rank r" in screen_text(app)
+
+
+async def test_toggling_rows_trains_exactly_those_groups_with_the_custom_strategy() -> None:
+    setup = with_value(with_value(quickstart(), "model.id", "builtin:tiny-bert"), "strategy.kind", "head")
+    app = make_app(setup)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await open_map(app, pilot)
+        table = screen.query_one(FreezeMapTable)
+        names = [row["name"] for row in screen.report["layers"]]
+        assert [row["name"] for row in screen.report["layers"] if row["trainable"]] == ["bert.pooler", "classifier"]
+        table.move_cursor(row=names.index("bert.encoder.layer.3"))
+        await pilot.press("space")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.setup_data["strategy"]["kind"] == "custom"
+        assert app.setup_data["strategy"]["trainable"] == ["bert.encoder.layer.3", "bert.pooler", "classifier"]
+        expected = inspect_config(build_config(map_data(app.setup_data)))
+        assert screen.report == expected
+        assert [row["name"] for row in expected["layers"] if row["trainable"]] == app.setup_data["strategy"][
+            "trainable"
+        ]
+        assert screen.query_one("#fm-kind", Select).value == "custom"
+
+        table.move_cursor(row=names.index("bert.pooler"))
+        await pilot.press("space")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.setup_data["strategy"]["trainable"] == ["bert.encoder.layer.3", "classifier"]
+        assert screen.report["trainable_params"] == sum(
+            row["total"] for row in screen.report["layers"] if row["name"] in ("bert.encoder.layer.3", "classifier")
+        )
+        # the saved setup records the custom strategy, and the CLI maps it identically
+        payload = json.dumps(app.setup_data["strategy"]["trainable"])
+        cli = cli_inspect(
+            "--model", "builtin:tiny-bert", "--strategy", "custom", "--set", f"strategy.trainable={payload}",
+            "--set", "model.task=classification", "--set", "data.max_length=64",
+        )  # fmt: skip
+        assert cli["trainable_params"] == screen.report["trainable_params"]
+        assert cli["total_params"] == screen.report["total_params"]
+
+
+async def test_a_strategy_that_does_not_fit_the_model_is_reported_on_the_map() -> None:
+    setup = with_value(with_value(quickstart(), "strategy.kind", "last_layers"), "strategy.layers", 9)
+    app = make_app(setup)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await open_map(app, pilot)
+        assert "strategy.layers: 9 is more than the model's 6 blocks" in plain(screen.query_one("#fm-status"))
+
+
+def test_bars_are_proportional_with_trainable_and_frozen_parts() -> None:
+    full = bar(100, 100, 100, 10)
+    assert full.plain == "█" * 10 and {span.style for span in full.spans} == {"green3"}
+    half = bar(100, 50, 100, 10)
+    assert half.plain == "█" * 10 and [span.style for span in half.spans] == ["green3", "grey46"]
+    small = bar(1, 0, 1000, 10)
+    assert small.plain == "▏"  # a tiny group still shows
+    assert len(bar(500, 0, 1000, 10).plain) == 5

@@ -1,0 +1,85 @@
+"""Help, the command palette, the launcher, and a first screen that paints before torch is imported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from textual.command import CommandPalette
+
+import tui.launcher as launcher
+from tests.conftest import ROOT
+from tests.tui.conftest import make_app, screen_text
+from tui.screens.help import HelpScreen
+from tui.screens.runs import RunsScreen
+from tui.screens.setup import SetupScreen
+
+
+async def test_help_screen_and_command_palette(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    app = make_app(runs_dir=tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert "^r Start" in screen_text(app)  # the footer (? is typed into the focused field here)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        assert isinstance(app.screen, CommandPalette)
+        await pilot.press(*"Runs")
+        await pilot.pause()
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert isinstance(app.screen, RunsScreen)
+        assert "? Help" in screen_text(app)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        assert "ctrl+r" in screen_text(app)
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen)
+        await pilot.press("f1")
+        assert isinstance(app.screen, SetupScreen)
+
+
+def test_launcher_sends_subcommands_to_the_cli_and_opens_the_app_otherwise(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    opened: list[str | None] = []
+    monkeypatch.setattr(launcher, "open_app", lambda preset: opened.append(preset) or 0)
+    assert launcher.main([]) == 0 and launcher.main(["quickstart"]) == 0
+    assert opened == [None, "quickstart"]
+    assert launcher.main(["presets"]) == 0
+    assert "quickstart" in capsys.readouterr().out
+    assert launcher.main(["a", "b"]) == 2
+
+
+def test_an_unknown_preset_is_one_line_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    assert launcher.open_app("no-such-preset") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("finetui: error: no-such-preset: no such preset") and "\n" not in error
+
+
+def test_the_first_screen_paints_before_torch_is_imported() -> None:
+    code = textwrap.dedent(
+        """
+        import asyncio, os, sys
+        from tui.app import create_app
+
+        async def main():
+            app = create_app(None, cursor_blink=False)
+            async with app.run_test(size=(80, 24)) as pilot:
+                while app.first_paint is None:
+                    await pilot.pause()
+                seconds, heavy = app.first_paint
+                print(heavy, round(seconds, 2))
+
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(main())
+        sys.stdout.flush()
+        os._exit(0)  # the background import of torch is of no use to this test
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    heavy, seconds = result.stdout.strip().rsplit(" ", 1)
+    assert heavy == "[]"
+    assert float(seconds) < 5  # about 1 s on 2 cores; generous for loaded CI machines

@@ -1,0 +1,88 @@
+"""The runs screen: run folders listed, a run rebuilt from events.jsonl and followed while written, overlays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from textual.widgets import DataTable
+
+from engine.events import RunFinished, Step
+from tests.tui.conftest import FIXED_TIME, make_app, screen_text, write_run
+from tui.screens.runs import CompareScreen, RunDetailScreen, RunsScreen
+from tui.widgets.run_view import LossChart, RunView
+
+
+async def open_runs(app, pilot) -> RunsScreen:  # type: ignore[no-untyped-def]
+    await pilot.press("f4")
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    assert isinstance(app.screen, RunsScreen)
+    return app.screen
+
+
+async def test_runs_are_listed_newest_first_with_status_and_best_metric(tmp_path: Path) -> None:
+    write_run(tmp_path, "older", strategy="head", accuracy=0.6, started=FIXED_TIME - 3600)
+    write_run(tmp_path, "newer", strategy="lora", accuracy=0.8)
+    app = make_app(runs_dir=tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await open_runs(app, pilot)
+        assert [run.name for run in screen.runs] == ["newer", "older"]
+        table = screen.query_one("#runs-table", DataTable)
+        assert [str(cell) for cell in table.get_row_at(0)][1:6] == [
+            "newer-20260528-202640", "finished", "lora", "tiny-bert", "accuracy 0.8000",
+        ]  # fmt: skip
+        assert "05-28 20:26" in screen_text(app)
+
+
+async def test_a_run_written_by_another_process_is_followed(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path, "live", losses=[0.9, 0.8], status="running")
+    app = make_app(runs_dir=tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await open_runs(app, pilot)
+        assert screen.runs[0].status == "running"
+        await pilot.press("enter")
+        await pilot.pause()
+        detail = app.screen
+        assert isinstance(detail, RunDetailScreen)
+        history = detail.run.history
+        assert history.status == "running" and history.losses == [0.9, 0.8]
+
+        with (run_dir / "events.jsonl").open("a") as handle:  # the other process writes on
+            step = Step(time=FIXED_TIME + 9, step=3, max_steps=3, epoch=1.0, loss=0.7, lr=0.0, grad_norm=None,
+                        samples_per_second=20.0, tokens_per_second=400.0, elapsed_s=9.0, eta_s=0.0)  # fmt: skip
+            handle.write(json.dumps(step.to_dict()) + "\n")
+            handle.write('{"type": "run_fin')  # a line still being written waits for the next poll
+        detail._follow()
+        assert history.losses == [0.9, 0.8, 0.7] and history.status == "running"
+        with (run_dir / "events.jsonl").open("a") as handle:
+            rest = json.dumps(RunFinished(time=FIXED_TIME + 10, summary={"status": "finished"}).to_dict())
+            handle.write(rest.removeprefix('{"type": "run_fin') + "\n")
+        detail._follow()
+        await pilot.pause()
+        assert history.status == "finished"
+        assert "finished" in screen_text(app)
+        detail.query_one(RunView)._flush_chart()
+        assert list(detail.query_one(LossChart).series[0].losses) == [0.9, 0.8, 0.7]
+
+
+async def test_marked_runs_overlay_on_one_loss_chart(tmp_path: Path) -> None:
+    write_run(tmp_path, "head", strategy="head", losses=[0.7, 0.66, 0.65], started=FIXED_TIME - 60)
+    write_run(tmp_path, "full", strategy="full", losses=[0.7, 0.5, 0.3, 0.2])
+    app = make_app(runs_dir=tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await open_runs(app, pilot)
+        await pilot.press("c")  # nothing marked yet: a hint, no screen
+        assert isinstance(app.screen, RunsScreen)
+        await pilot.press("space", "down", "space", "c")
+        await pilot.pause()
+        compare = app.screen
+        assert isinstance(compare, CompareScreen)
+        series = compare.query_one(LossChart).series
+        assert [(s.label, list(s.losses)) for s in series] == [
+            ("full-20260528-202640", [0.7, 0.5, 0.3, 0.2]),
+            ("head-20260528-202640", [0.7, 0.66, 0.65]),
+        ]
+        assert compare.query_one("#compare-table", DataTable).row_count == 2
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsScreen)

@@ -1,0 +1,137 @@
+"""The setup screen: a preset fills the form, the data preview, invalid values shown under their field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.widgets import Checkbox, DataTable, Input, Label, Select
+
+from engine.config import field_errors
+from tests.tui.conftest import make_app, plain, screen_text
+from tui.screens.dialogs import FilePickerScreen, PresetPickerScreen, SavePresetScreen
+from tui.screens.setup import SetupScreen
+
+
+async def test_quickstart_preset_fills_the_form_and_previews_the_data() -> None:
+    app = make_app()
+    async with app.run_test(size=(120, 34)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, SetupScreen)
+        assert screen.query_one("#f-name", Input).value == "quickstart"
+        assert screen.query_one("#f-model-id", Input).value == "builtin:minilm-l6"
+        assert screen.query_one("#builtin-models", Select).value == "builtin:minilm-l6"
+        assert screen.query_one("#f-data-train", Input).value == "presets/data/quickstart/train.jsonl"
+        assert screen.query_one("#f-strategy-kind", Select).value == "full"
+        assert screen.query_one("#f-train-lr", Input).value == "0.0001"
+        assert screen.query_one("#f-train-gradient_checkpointing", Checkbox).value is False
+        assert "320 rows · columns: text, label" in plain(screen.query_one("#preview-status", Label))
+        preview = screen.query_one("#preview-table", DataTable)
+        assert preview.row_count == 5 and [c.label.plain for c in preview.columns.values()] == ["text", "label"]
+        assert screen.query_one("#f-data-label_field", Select).value == "label"
+        # strategy options follow the strategy: `full` has none, LoRA shows r/alpha/dropout/targets
+        assert not screen.query_one("#row-f-strategy-r").display
+        screen.query_one("#f-strategy-kind", Select).value = "lora"
+        await pilot.pause()
+        assert screen.query_one("#row-f-strategy-r").display
+        assert app.setup_data["strategy"]["kind"] == "lora"
+
+
+async def test_an_invalid_value_is_shown_next_to_its_field_and_blocks_the_start() -> None:
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = app.screen
+        lr = screen.query_one("#f-train-lr", Input)
+        lr.focus()
+        lr.value = ""
+        await pilot.press(*"fast")
+        await pilot.pause()
+        error = screen.query_one("#err-f-train-lr", Label)
+        assert error.display
+        expected = field_errors(app.setup_data)["train.lr"].removeprefix("train.lr: ")
+        assert plain(error) == expected
+        assert expected.startswith("Input should be a valid number")
+        assert screen.query_one("#row-f-train-lr").has_class("-invalid")
+        assert expected in screen_text(app)
+
+        await pilot.press("ctrl+r")  # refused: the app stays on the setup screen, nothing starts
+        await pilot.pause()
+        assert app.history is None and isinstance(app.screen, SetupScreen)
+
+        lr.value = "3e-4"
+        await pilot.pause()
+        assert not error.display
+        assert app.setup_data["train"]["lr"] == 3e-4
+
+        batch = screen.query_one("#f-train-batch_size", Input)
+        batch.value = "0"
+        await pilot.pause()
+        assert plain(screen.query_one("#err-f-train-batch_size", Label)) == (
+            "Input should be greater than or equal to 1 (got 0)"
+        )
+
+
+async def test_file_picker_sets_the_data_path(tmp_path: Path) -> None:
+    data = tmp_path / "mine.csv"
+    data.write_text("sentence,target\ngood,1\nbad,0\nfine,1\n")
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("ctrl+b")
+        await pilot.pause()
+        assert isinstance(app.screen, FilePickerScreen)
+        app.screen.query_one("#picker-path", Input).focus()
+        await pilot.press(*str(data), "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert isinstance(app.screen, SetupScreen)
+        assert app.setup_data["data"]["train"] == str(data)
+        status = plain(app.screen.query_one("#preview-status", Label))
+        assert "3 rows · columns: sentence, target" in status
+        # the mapping offers the detected columns; the preset's `text` is no column of this file
+        text_field = app.screen.query_one("#f-data-text_field", Select)
+        text_field.value = "sentence"
+        await pilot.pause()
+        assert app.setup_data["data"]["text_field"] == "sentence"
+
+
+async def test_load_and_save_presets_never_overwriting_without_asking(tmp_path: Path) -> None:
+    app = make_app(setup={})
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        assert isinstance(app.screen, PresetPickerScreen)
+        options = app.screen.query_one("#preset-list")
+        names = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        options.highlighted = next(i for i, name in enumerate(names) if name.endswith("quickstart.toml"))
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, SetupScreen)
+        assert app.setup_data["name"] == "quickstart"
+        assert app.screen.query_one("#f-name", Input).value == "quickstart"
+
+        target = tmp_path / "mine.toml"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, SavePresetScreen)
+        app.screen.query_one(Input).value = str(target)
+        await pilot.press("enter")
+        await pilot.pause()
+        saved = target.read_text()
+        assert 'kind = "full"' in saved
+
+        app.setup_data = {**app.setup_data, "name": "changed"}
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        app.screen.query_one(Input).value = str(target)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "Replace it?" in screen_text(app)
+        await pilot.press("n")
+        await pilot.pause()
+        assert target.read_text() == saved
+    from engine.config import load_config
+
+    config = load_config(target)
+    assert config.name == "quickstart" and Path(config.data.train).is_file()
+    assert config.data.train.endswith("presets/data/quickstart/train.jsonl")

@@ -1,0 +1,154 @@
+"""What a view of one run knows: the engine events of the run folded into curves, status and a log.
+
+`RunHistory.apply` takes the same events whether they come live from a training worker or are read back from
+a run directory's `events.jsonl` (`engine.runs.EventFollower`), so the training screen and the runs screen show
+a run the same way. Plain Python, no Textual: the tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.events import (
+    Checkpoint,
+    Eval,
+    Event,
+    FreezeMapReady,
+    Log,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    RunStopped,
+    Step,
+)
+
+TERMINAL = ("finished", "stopped", "failed")
+MAX_LOG_LINES = 2000
+# metric -> True when larger is better (used to pick a run's best validation value)
+METRIC_DIRECTION = {"accuracy": True, "f1": True, "loss": False, "perplexity": False}
+
+
+@dataclass
+class RunHistory:
+    run_dir: str | None = None
+    name: str = ""
+    model: str = ""
+    strategy: str = ""
+    task: str = ""
+    status: str = "idle"  # idle | starting | running | finished | stopped | failed
+    error: str | None = None
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    evals: list[Eval] = field(default_factory=list)
+    last_step: Step | None = None
+    journal: deque[Event] = field(default_factory=lambda: deque(maxlen=MAX_LOG_LINES))
+    """What the log pane shows, in order: log lines, evaluations, checkpoints, start and end."""
+    freeze_map: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    config: dict[str, Any] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("starting", "running")
+
+    @property
+    def label(self) -> str:
+        return Path(self.run_dir).name if self.run_dir else self.name or "run"
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, Log | Eval | Checkpoint | RunStarted | RunFinished | RunStopped | RunFailed):
+            self.journal.append(event)
+        match event:
+            case RunStarted():
+                self.run_dir, self.name, self.model = event.run_dir, event.name, event.model
+                self.strategy, self.task, self.config = event.strategy, event.task, event.config
+                self.status, self.started_at = "running", event.time
+                self.error = self.ended_at = self.summary = None
+                if event.resumed_from_step is not None:  # steps after the checkpoint run again
+                    self._truncate(event.resumed_from_step)
+            case Step():
+                self.steps.append(event.step)
+                self.losses.append(event.loss)
+                self.lrs.append(event.lr)
+                self.last_step = event
+            case Eval():
+                self.evals.append(event)
+            case FreezeMapReady():
+                self.freeze_map = event.freeze_map
+            case Checkpoint():
+                self.checkpoint = event.path
+            case RunFinished():
+                self.status, self.summary, self.ended_at = "finished", event.summary, event.time
+            case RunStopped():
+                self.status, self.checkpoint, self.ended_at = "stopped", event.checkpoint, event.time
+            case RunFailed():
+                self.status, self.error, self.ended_at = "failed", event.error, event.time
+
+    def _truncate(self, step: int) -> None:
+        keep = [index for index, logged in enumerate(self.steps) if logged <= step]
+        self.steps = [self.steps[index] for index in keep]
+        self.losses = [self.losses[index] for index in keep]
+        self.lrs = [self.lrs[index] for index in keep]
+        self.evals = [event for event in self.evals if event.step <= step]
+
+    def fail(self, error: str) -> None:
+        """The run ended without a `run_failed` event (it failed before its run directory existed)."""
+        self.status, self.error, self.ended_at = "failed", error, time.time()
+        self.journal.append(Log(level="error", message=error))
+
+    def eval_curve(self, metric: str = "loss", split: str = "validation") -> tuple[list[int], list[float]]:
+        points = [(e.step, e.metrics[metric]) for e in self.evals if e.split == split and metric in e.metrics]
+        return [step for step, _ in points], [value for _, value in points]
+
+    def latest_metrics(self, split: str = "validation") -> dict[str, float]:
+        if split == "validation" and self.summary and self.summary.get("validation"):
+            return dict(self.summary["validation"])
+        for event in reversed(self.evals):
+            if event.split == split:
+                return dict(event.metrics)
+        return {}
+
+    @property
+    def max_steps(self) -> int | None:
+        return self.last_step.max_steps if self.last_step else None
+
+    def elapsed(self, now: float | None = None) -> float | None:
+        """Seconds since the run started: up to its end once ended, up to `now` while it runs."""
+        if self.started_at is None:
+            return None
+        end = self.ended_at if self.ended_at is not None else (now if now is not None else time.time())
+        return max(0.0, end - self.started_at)
+
+
+def best_metric(summary: dict[str, Any] | None) -> tuple[str, float] | None:
+    """The headline validation metric of a finished run: accuracy when there is one, else loss."""
+    metrics = (summary or {}).get("validation") or {}
+    for name in ("accuracy", "f1", "loss", "perplexity"):
+        if name in metrics:
+            return name, float(metrics[name])
+    return None
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_params(count: int) -> str:
+    """1234567 -> 1.23 M (compact, for narrow columns)."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return str(count)

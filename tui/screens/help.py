@@ -1,0 +1,81 @@
+"""`?`: the keys of every screen, and what the screens are for (plain text: it opens at once, even mid-run)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    (
+        "anywhere",
+        (
+            ("F1 F2 F3 F4", "setup · freeze map · training · runs"),
+            ("ctrl+r", "start a run of the current setup"),
+            ("ctrl+o / ctrl+s", "load a preset / save the setup as a preset TOML"),
+            ("ctrl+p", "command palette: every action by name"),
+            ("?", "this help (escape closes it)"),
+            ("tab / shift+tab", "next / previous field"),
+            ("ctrl+q", "quit (asks first while a run is active)"),
+        ),
+    ),
+    (
+        "setup (F1)",
+        (
+            ("ctrl+b", "browse for the data file of the focused data field (or the train data)"),
+            ("enter in train data", "read a hub dataset id for the preview"),
+            ("", "invalid values show in red under their field, in the words of `finetui run`"),
+        ),
+    ),
+    (
+        "freeze map (F2)",
+        (
+            ("space", "toggle the highlighted group: the setup becomes the `custom` strategy"),
+            ("a", "every group trainable (custom)"),
+            ("shift+r", "compute the map again"),
+            ("", "built from the config on the meta device (no weights): 70B maps in seconds"),
+            ("", "totals and memory are those of `finetui inspect --json`"),
+        ),
+    ),
+    (
+        "training (F3)",
+        (
+            ("ctrl+r", "start"),
+            ("s", "stop (asks; stops at the next step and saves a checkpoint)"),
+        ),
+    ),
+    (
+        "runs (F4)",
+        (
+            ("enter", "open a run: curves and summary from its events.jsonl, followed while written"),
+            ("space, then c", "mark runs, then overlay their loss curves"),
+            ("R (shift+r)", "resume a stopped, failed or interrupted run from its last checkpoint"),
+            ("r", "refresh the list"),
+            ("escape", "back from a run or a comparison"),
+        ),
+    ),
+)
+
+
+def help_text() -> str:
+    lines = [
+        "[b $accent]finetui[/]  pick a model, data and a strategy (F1), see what trains and what it costs (F2),",
+        "train and watch the loss (F3), compare runs (F4). Everything works from the keyboard.",
+    ]
+    for title, keys in SECTIONS:
+        lines.append("")
+        lines.append(f"[b $accent]{title}[/]")
+        lines.extend(f"  [b]{key:<20}[/] {what}" if key else f"  {'':<20} [dim]{what}[/]" for key, what in keys)
+    return "\n".join(lines)
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,question_mark", "app.pop_screen", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-body"):
+            yield Static(help_text(), id="help-text")

@@ -1,0 +1,255 @@
+"""The runs screen: every run directory under the output folder; open one, or overlay several on one chart.
+
+Runs are read back from their folders (`engine.runs.list_runs`, `EventFollower`), never from memory, so a
+run started by `finetui run` in another shell, or by an app whose SSH session dropped, shows the same way,
+and one still being written is followed as it grows.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Label
+
+from engine.runs import EventFollower, RunInfo, list_runs, read_summary
+from tui.form import display_path, effective_value
+from tui.history import TERMINAL, RunHistory, best_metric, format_duration
+from tui.screens.base import MainScreen
+from tui.widgets.mode_bar import ModeBar
+from tui.widgets.run_view import LossChart, RunView, series_of
+
+REFRESH_S = 3.0
+FOLLOW_S = 0.5
+
+
+class RunsListed(Message):
+    def __init__(self, folder: Path, runs: list[RunInfo]) -> None:
+        super().__init__()
+        self.folder, self.runs = folder, runs
+
+
+def best_text(summary: dict[str, Any] | None) -> str:
+    best = best_metric(summary)
+    return f"{best[0]} {best[1]:.4f}" if best else ""
+
+
+class RunsScreen(MainScreen):
+    MODE = "runs"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("enter", "open", "Open", show=True),
+        Binding("space", "mark", "Mark"),
+        Binding("c", "compare", "Compare"),
+        Binding("R", "resume", "Resume"),
+        Binding("r", "refresh", "Refresh", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[RunInfo] = []
+        self.marked: set[Path] = set()
+
+    def compose(self) -> ComposeResult:
+        yield ModeBar("runs")
+        yield Label("", id="runs-folder", classes="dim")
+        yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        table = self.query_one("#runs-table", DataTable)
+        for label, key in (
+            ("", "mark"),
+            ("run", "run"),
+            ("status", "status"),
+            ("strategy", "strategy"),
+            ("model", "model"),
+            ("best", "best"),
+            ("started", "started"),
+        ):
+            table.add_column(label, key=key)
+        table.focus()
+        self.set_interval(REFRESH_S, self._auto_refresh)
+
+    @property
+    def folder(self) -> Path:
+        return self.finetui.runs_dir or Path(str(effective_value(self.finetui.setup_data, "train.output_dir")))
+
+    def on_screen_resume(self) -> None:
+        self.action_refresh()
+
+    def _auto_refresh(self) -> None:
+        if self.is_current:
+            self.action_refresh()
+
+    def action_refresh(self) -> None:
+        self._list(self.folder)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="runs", name="list runs")
+    def _list(self, folder: Path) -> None:
+        self.post_message(RunsListed(folder, list_runs(folder)))
+
+    def on_runs_listed(self, message: RunsListed) -> None:
+        self.runs = message.runs
+        self.query_one("#runs-folder", Label).update(
+            f"{len(self.runs)} runs in {display_path(str(message.folder))}/ · enter opens · space marks · "
+            "c overlays the marked runs"
+        )
+        table = self.query_one("#runs-table", DataTable)
+        keep = table.cursor_row
+        table.clear()
+        for run in self.runs:
+            table.add_row(
+                "✓" if run.path in self.marked else "",
+                run.path.name,
+                run.status,
+                run.strategy,
+                run.model.removeprefix("builtin:"),
+                best_text(run.summary),
+                time.strftime("%m-%d %H:%M", time.localtime(run.started)),
+                key=str(run.path),
+            )
+        if self.runs:
+            table.move_cursor(row=min(keep, len(self.runs) - 1), animate=False)
+
+    def _current(self) -> RunInfo | None:
+        table = self.query_one("#runs-table", DataTable)
+        if not self.runs or not table.row_count:
+            return None
+        return self.runs[min(table.cursor_row, len(self.runs) - 1)]
+
+    def action_open(self) -> None:
+        run = self._current()
+        if run is not None:
+            self.app.push_screen(RunDetailScreen(run.path))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open()
+
+    def action_resume(self) -> None:
+        run = self._current()
+        if run is None:
+            return
+        if run.status == "finished":
+            self.notify(f"{run.path.name} finished: nothing to resume", severity="warning")
+            return
+        self.finetui.resume_run(run.path)
+
+    def action_mark(self) -> None:
+        run = self._current()
+        if run is None:
+            return
+        self.marked ^= {run.path}
+        table = self.query_one("#runs-table", DataTable)
+        table.update_cell(str(run.path), "mark", "✓" if run.path in self.marked else "")
+
+    def action_compare(self) -> None:
+        paths = [run.path for run in self.runs if run.path in self.marked]
+        if len(paths) < 2:
+            self.notify("mark two or more runs with space, then press c", severity="warning")
+            return
+        self.app.push_screen(CompareScreen(paths))
+
+
+class FollowedRun:
+    """A run directory read incrementally into a RunHistory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.follower = EventFollower(path)
+        self.history = RunHistory(run_dir=str(path), status="running")
+
+    def poll(self) -> list[Any]:
+        events = self.follower.poll()
+        for event in events:
+            self.history.apply(event)
+        if self.history.status not in TERMINAL:
+            summary = read_summary(self.path)
+            if summary and summary.get("status") in TERMINAL and not events:
+                self.history.status = summary["status"]
+                self.history.summary = self.history.summary or summary
+        return events
+
+    @property
+    def done(self) -> bool:
+        return self.history.status in TERMINAL
+
+
+class RunDetailScreen(Screen[None]):
+    """One run rebuilt from its events.jsonl, followed while it is written."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q", "app.pop_screen", "Back")]
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.run = FollowedRun(path)
+
+    def compose(self) -> ComposeResult:
+        yield Label(f"[b]run[/] {self.run.path.name}  [dim]escape: back to the runs[/]", id="detail-title")
+        yield RunView(id="detail-run")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.run.poll()
+        self.query_one(RunView).show(self.run.history)
+        if not self.run.done:
+            self._timer = self.set_interval(FOLLOW_S, self._follow)
+
+    def _follow(self) -> None:
+        events = self.run.poll()
+        if events:
+            self.query_one(RunView).events_applied(self.run.history, events)
+        if self.run.done:
+            self.query_one(RunView).show(self.run.history)
+            self._timer.stop()
+
+
+class CompareScreen(Screen[None]):
+    """Several runs' train loss on one chart, with a line of numbers per run."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q", "app.pop_screen", "Back")]
+
+    def __init__(self, paths: list[Path]) -> None:
+        super().__init__()
+        self.followed = [FollowedRun(path) for path in paths]
+
+    def compose(self) -> ComposeResult:
+        yield Label("[b]compare[/]  train loss of the marked runs  [dim]escape: back[/]", id="compare-title")
+        yield LossChart(id="compare-chart")
+        yield DataTable(id="compare-table", cursor_type="row")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        table = self.query_one("#compare-table", DataTable)
+        for label in ("run", "strategy", "status", "steps", "best", "samples/s", "time"):
+            table.add_column(label, key=label)
+        self._follow()
+        self.set_interval(FOLLOW_S * 2, self._follow)
+
+    def _follow(self) -> None:
+        changed = [bool(run.poll()) for run in self.followed]
+        if self.query_one("#compare-table", DataTable).row_count and not any(changed):
+            return
+        self.query_one(LossChart).plot([series_of(run.history) for run in self.followed], overlay=True)
+        table = self.query_one("#compare-table", DataTable)
+        table.clear()
+        for run in self.followed:
+            history = run.history
+            summary = history.summary or {}
+            speed = summary.get("train_samples_per_second")
+            if speed is None and history.last_step is not None:
+                speed = history.last_step.samples_per_second
+            table.add_row(
+                history.label,
+                history.strategy,
+                history.status,
+                str(history.steps[-1] if history.steps else 0),
+                best_text(history.summary),
+                f"{speed:.1f}" if speed else "",
+                format_duration(summary.get("train_runtime_s") or history.elapsed()),
+            )

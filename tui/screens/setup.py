@@ -1,0 +1,402 @@
+"""The setup screen: model, task, data (with a file picker and a preview), strategy and training options.
+
+Every field edits one key of the app's setup dict; after each edit the whole dict is validated with
+`engine.config.field_errors` (the CLI's pydantic models and wording) and each problem is shown under its field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.widget import Widget
+from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, Select
+
+from tui.form import (
+    BUILTIN_MODELS,
+    DEFAULTS,
+    FIELDS,
+    FIELDS_BY_KEY,
+    MISSING,
+    Field,
+    effective_value,
+    get_value,
+    parse_text,
+    task_of,
+    to_text,
+    with_value,
+)
+from tui.heavy import load_engine
+from tui.screens.base import MainScreen
+from tui.screens.dialogs import FilePickerScreen
+from tui.widgets.mode_bar import ModeBar
+
+PREVIEW_ROWS = 5
+BROWSE_KEYS = ("data.train", "data.validation", "data.test")
+# narrow terminals stack the two columns; wide ones show them side by side
+LEFT_SECTIONS = ("Run", "Model", "Data")
+RIGHT_SECTIONS = ("Strategy", "Training")
+
+
+class PreviewReady(Message):
+    """The data preview worker read `source` (or failed with `error`)."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        columns: list[str] | None = None,
+        num_rows: int = 0,
+        rows: list[dict[str, Any]] | None = None,
+        error: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.source, self.columns, self.num_rows = source, columns or [], num_rows
+        self.rows, self.error = rows or [], error
+
+
+def _cell(value: Any, width: int = 40) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+class SetupScreen(MainScreen):
+    MODE = "setup"
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]] | None] = [(0, "-narrow"), (150, "-wide")]
+    AUTO_FOCUS = "#f-name"  # focusing the whole form would restyle every field: slow first paint
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+b", "browse", "Browse data"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen_version = -1
+        self._columns: list[str] = []
+        self._preview_source: str | None = None
+        self._shown_errors: dict[str, str] = {}
+
+    def compose(self) -> ComposeResult:
+        yield ModeBar("setup")
+        yield Label("", id="setup-problems")
+        with VerticalScroll(id="setup-form", can_focus=False):
+            for column, sections in (("left", LEFT_SECTIONS), ("right", RIGHT_SECTIONS)):
+                with Vertical(classes="form-column", id=f"setup-{column}"):
+                    for section in sections:
+                        yield from self._section(section)
+        yield Footer(compact=True)
+
+    def _section(self, section: str) -> ComposeResult:
+        with Vertical(classes="form-section", id=f"section-{section.lower()}"):
+            yield Label(section, classes="section-title")
+            for field in (f for f in FIELDS if f.section == section):
+                yield from self._field_row(field)
+                if field.key == "model.id":
+                    with Horizontal(classes="field-row", id="row-builtin"):
+                        yield Label("builtin", classes="field-label")
+                        yield Select(
+                            [(f"{name}  ({size})", name) for name, size, _ in BUILTIN_MODELS],
+                            prompt="pick a builtin model",
+                            id="builtin-models",
+                            compact=True,
+                        )
+                if field.key == "data.test":
+                    yield Label("", id="preview-status", classes="dim")
+                    yield DataTable(id="preview-table", show_cursor=False, zebra_stripes=True)
+
+    def _field_row(self, field: Field) -> ComposeResult:
+        classes = "field-row"
+        if field.strategies:
+            classes += " strategy-only"
+        if field.tasks:
+            classes += " task-only"
+        with Horizontal(classes=classes, id=f"row-{field.widget_id}"):
+            yield Label(field.label, classes="field-label")
+            yield self._widget(field)
+            if field.key in BROWSE_KEYS:
+                yield Button("…", id=f"browse-{field.widget_id}", classes="browse", compact=True)
+        yield Label("", classes="field-error", id=f"err-{field.widget_id}")
+
+    def _widget(self, field: Field) -> Widget:
+        """The field's widget, showing the current setup already (so mounting it changes nothing)."""
+        value = effective_value(self.finetui.setup_data, field.key)
+        if field.kind == "choice":
+            widget: Widget = Select(
+                [(choice, choice) for choice in field.choices],
+                value=value if value in field.choices else field.choices[0],
+                allow_blank=False,
+                id=field.widget_id,
+                compact=True,
+            )
+        elif field.kind == "column":
+            current = str(value or "")
+            widget = Select(
+                [(current, current)] if current else [],
+                value=current if current else Select.BLANK,
+                prompt="(pick a column)",
+                id=field.widget_id,
+                compact=True,
+            )
+        elif field.kind == "bool":
+            widget = Checkbox("on", value=bool(value), id=field.widget_id, compact=True)
+        else:
+            widget = Input(
+                to_text(field, value), id=field.widget_id, compact=True, placeholder=self._placeholder(field)
+            )
+        widget.tooltip = field.help
+        return widget
+
+    @staticmethod
+    def _placeholder(field: Field) -> str:
+        if field.kind in ("optional", "optional_number"):
+            return "(unset)"
+        if field.key == "data.train":
+            return "data file (csv, tsv, json, jsonl, parquet) or hub dataset id"
+        return ""
+
+    # populate from the app's setup
+
+    def on_mount(self) -> None:
+        # the widgets were composed showing the current setup already
+        self._seen_version = self.finetui.setup_version
+        self._refresh_visibility()
+        self.show_errors()
+        self._maybe_preview()
+
+    def on_screen_resume(self) -> None:
+        if self._seen_version != self.finetui.setup_version:
+            self.populate()
+
+    def setup_replaced(self) -> None:
+        self.populate()
+
+    def populate(self) -> None:
+        """Show the app's setup in every field (without echoing change events back)."""
+        data = self.finetui.setup_data
+        self._seen_version = self.finetui.setup_version
+        with self.prevent(Input.Changed, Select.Changed, Checkbox.Changed):
+            for field in FIELDS:
+                value = effective_value(data, field.key)
+                widget = self.query_one(f"#{field.widget_id}")
+                if isinstance(widget, Input):
+                    widget.value = to_text(field, value)
+                elif isinstance(widget, Checkbox):
+                    widget.value = bool(value)
+                elif isinstance(widget, Select):
+                    if field.kind == "column":
+                        self._set_column_options(widget, str(value) if value is not None else "")
+                    elif value in field.choices:
+                        widget.value = value
+            model_id = effective_value(data, "model.id")
+            builtin = self.query_one("#builtin-models", Select)
+            if model_id in {name for name, _, _ in BUILTIN_MODELS}:
+                builtin.value = model_id
+            else:
+                builtin.clear()
+        self._refresh_visibility()
+        self.show_errors()
+        self._maybe_preview()
+
+    def _set_column_options(self, select: Select, current: str) -> None:
+        names = list(self._columns)
+        if current and current not in names:
+            names.append(current)
+        select.set_options([(name, name) for name in names])
+        if current:
+            select.value = current
+
+    # edits
+
+    def _edit(self, key: str, value: Any) -> None:
+        data = self.finetui.setup_data
+        current = get_value(data, key)
+        if value is MISSING:
+            if current is MISSING:
+                return
+        elif current is MISSING:
+            if value == get_value(DEFAULTS, key, None):
+                return  # the field shows its default: nothing to record
+        elif value == current and type(value) is type(current):
+            return
+        self.finetui.update_setup(with_value(data, key, value))
+        self._seen_version = self.finetui.setup_version
+        if key in ("strategy.kind", "model.task", "model.id"):
+            self._refresh_visibility()
+        self.show_errors()
+
+    @on(Input.Changed)
+    def _input_changed(self, event: Input.Changed) -> None:
+        field = self._field_of(event.input)
+        if field is None:
+            return
+        self._edit(field.key, parse_text(field, event.value))
+        if field.key == "data.train":
+            self._maybe_preview()
+        if field.key == "model.id":
+            builtin = self.query_one("#builtin-models", Select)
+            with self.prevent(Select.Changed):
+                if event.value in {name for name, _, _ in BUILTIN_MODELS}:
+                    builtin.value = event.value
+                else:
+                    builtin.clear()
+
+    @on(Input.Submitted, "#f-data-train")
+    def _train_submitted(self) -> None:
+        self._maybe_preview(force=True)
+
+    @on(Select.Changed)
+    def _select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "builtin-models":
+            if event.value is not Select.BLANK:
+                self.query_one("#f-model-id", Input).value = str(event.value)
+            return
+        field = self._field_of(event.select)
+        if field is None or event.value is Select.BLANK:
+            return
+        self._edit(field.key, event.value)
+
+    @on(Checkbox.Changed)
+    def _checkbox_changed(self, event: Checkbox.Changed) -> None:
+        field = self._field_of(event.checkbox)
+        if field is not None:
+            self._edit(field.key, event.value)
+
+    @staticmethod
+    def _field_of(widget: Widget) -> Field | None:
+        if not widget.id or not widget.id.startswith("f-"):
+            return None
+        return next((field for field in FIELDS if field.widget_id == widget.id), None)
+
+    # errors and visibility
+
+    def show_errors(self) -> dict[str, str]:
+        from engine.config import field_errors
+
+        errors = field_errors(self.finetui.setup_data)
+        for field in FIELDS:
+            message = errors.get(field.key, "")
+            shown = message.removeprefix("preset: ").removeprefix(f"{field.key}: ")
+            if shown == self._shown_errors.get(field.key, ""):
+                continue
+            self._shown_errors[field.key] = shown
+            label = self.query_one(f"#err-{field.widget_id}", Label)
+            label.update(shown)
+            label.display = bool(shown) and self.query_one(f"#row-{field.widget_id}").display
+            self.query_one(f"#row-{field.widget_id}").set_class(bool(shown), "-invalid")
+        summary = self.query_one("#setup-problems", Label)
+        if errors:
+            count = f"{len(errors)} problems" if len(errors) > 1 else "1 problem"
+            first = next(iter(errors.values())).removeprefix("preset: ")
+            summary.update(f"[b]{count}[/] (marked red below): {first}")
+        summary.display = bool(errors)
+        return errors
+
+    def _refresh_visibility(self) -> None:
+        data = self.finetui.setup_data
+        kind = effective_value(data, "strategy.kind")
+        task = task_of(data)
+        for field in FIELDS:
+            if not (field.strategies or field.tasks):
+                continue
+            shown = (not field.strategies or kind in field.strategies) and (
+                not field.tasks or task == "auto" or task in field.tasks
+            )
+            row = self.query_one(f"#row-{field.widget_id}")
+            if row.display != shown:
+                row.display = shown
+                error = self.query_one(f"#err-{field.widget_id}", Label)
+                error.display = shown and bool(self._shown_errors.get(field.key))
+
+    # data preview
+
+    def _maybe_preview(self, force: bool = False) -> None:
+        source = str(effective_value(self.finetui.setup_data, "data.train") or "").strip()
+        if not source or (source == self._preview_source and not force):
+            return
+        if not force and not Path(source).expanduser().is_file():
+            return
+        self._preview_source = source
+        self.query_one("#preview-status", Label).update(f"reading {source}…")
+        data = self.finetui.setup_data
+        self._read_preview(
+            source,
+            effective_value(data, "data.format"),
+            effective_value(data, "data.header"),
+            effective_value(data, "data.config_name"),
+        )
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="preview", name="data preview")
+    def _read_preview(self, source: str, fmt: str, header: bool | None, config_name: str | None) -> None:
+        load_engine()
+        from engine.config import ConfigError
+        from engine.data import read_table
+
+        try:
+            table = read_table(source, fmt=fmt, header=header, config_name=config_name)
+        except ConfigError as exc:
+            self.post_message(PreviewReady(source, error=str(exc)))
+            return
+        rows = table.select(range(min(PREVIEW_ROWS, len(table)))).to_list()
+        self.post_message(PreviewReady(source, columns=list(table.column_names), num_rows=len(table), rows=rows))
+
+    def on_preview_ready(self, message: PreviewReady) -> None:
+        if message.source != self._preview_source:
+            return
+        status = self.query_one("#preview-status", Label)
+        table = self.query_one("#preview-table", DataTable)
+        table.clear(columns=True)
+        if message.error:
+            status.update(f"[b $error]preview:[/] {message.error}")
+            table.display = False
+            return
+        self._columns = message.columns
+        status.update(f"[b]{message.num_rows:,}[/] rows · columns: {', '.join(message.columns)}")
+        table.display = True
+        for column in message.columns:
+            table.add_column(column, key=column)
+        for row in message.rows:
+            table.add_row(*[_cell(row.get(column, "")) for column in message.columns])
+        data = self.finetui.setup_data
+        with self.prevent(Select.Changed):
+            for field in FIELDS:
+                if field.kind == "column":
+                    current = effective_value(data, field.key)
+                    self._set_column_options(self.query_one(f"#{field.widget_id}", Select), str(current or ""))
+        self.show_errors()
+
+    def worker_failed(self, worker, message: str) -> None:  # type: ignore[no-untyped-def]
+        if worker.group == "preview":
+            self.query_one("#preview-status", Label).update(f"[b $error]preview:[/] {message}")
+            return
+        super().worker_failed(worker, message)
+
+    # file picker
+
+    @on(Button.Pressed, ".browse")
+    def _browse_pressed(self, event: Button.Pressed) -> None:
+        key = next(k for k in BROWSE_KEYS if event.button.id == f"browse-{FIELDS_BY_KEY[k].widget_id}")
+        self.browse(key)
+
+    def action_browse(self) -> None:
+        focused = self.focused
+        key = "data.train"
+        for candidate in BROWSE_KEYS:
+            widget_id = FIELDS_BY_KEY[candidate].widget_id
+            if focused is not None and focused.id in (widget_id, f"browse-{widget_id}"):
+                key = candidate
+        self.browse(key)
+
+    def browse(self, key: str) -> None:
+        current = str(effective_value(self.finetui.setup_data, key) or "")
+        start = Path(current).expanduser().parent if current and Path(current).expanduser().exists() else Path.cwd()
+        field = FIELDS_BY_KEY[key]
+
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                self.query_one(f"#{field.widget_id}", Input).value = to_text(field, str(path.resolve()))
+
+        self.app.push_screen(FilePickerScreen(f"Pick the {field.label} file", start), chosen)

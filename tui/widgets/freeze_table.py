@@ -1,0 +1,108 @@
+"""The freeze map as a table: one row per layer group with a bar in proportion to its parameters.
+
+The trainable part of a bar is drawn in one colour and the frozen part in another, with eighth-cell blocks so
+that small groups still show; a cell shared by both parts shows the trainable part in the foreground and the
+frozen part as the background.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from engine.sinks import format_count
+
+EIGHTHS = " ▏▎▍▌▋▊▉█"
+TRAINABLE_STYLE = "green3"
+FROZEN_STYLE = "grey46"
+
+
+def bar(total: int, trainable: int, largest: int, width: int) -> Text:
+    """A bar `width` cells long for the largest group, trainable part first."""
+    text = Text()
+    if total <= 0 or largest <= 0 or width <= 0:
+        return text
+    length = max(1, round(total / largest * width * 8))
+    train = round(length * trainable / total)
+    if trainable and not train:
+        train = 1
+    if trainable < total and train >= length:
+        train = length - 1 if length > 1 else length
+    full, rest = divmod(train, 8)
+    text.append("█" * full, style=TRAINABLE_STYLE)
+    frozen = length - train
+    if rest:
+        shared_background = frozen >= (8 - rest) / 2
+        style = f"{TRAINABLE_STYLE} on {FROZEN_STYLE}" if shared_background else TRAINABLE_STYLE
+        text.append(EIGHTHS[rest], style=style)
+        frozen = max(0, frozen - (8 - rest))
+    full, rest = divmod(frozen, 8)
+    text.append("█" * full, style=FROZEN_STYLE)
+    if rest:
+        text.append(EIGHTHS[rest], style=FROZEN_STYLE)
+    return text
+
+
+def dtype_label(row: dict[str, Any]) -> str:
+    return f"{row['dtype']} {row['quantization']}" if row.get("quantization") else row["dtype"]
+
+
+class FreezeMapTable(DataTable):
+    """Rows keyed by group name; `show(report)` redraws from an `inspect_config` report."""
+
+    BAR_MIN, BAR_MAX = 10, 60
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)
+        self.report: dict[str, Any] | None = None
+
+    def on_mount(self) -> None:
+        self.add_column("", key="mark", width=1)
+        self.add_column("group", key="name")
+        self.add_column("parameters", key="bar")
+        self.add_column("params", key="total")
+        self.add_column("trainable", key="trainable")
+        self.add_column("dtype", key="dtype")
+
+    def bar_width(self) -> int:
+        longest = max((len(row["name"]) for row in (self.report or {}).get("layers", [])), default=10)
+        spare = self.size.width - longest - 42
+        return max(self.BAR_MIN, min(self.BAR_MAX, spare))
+
+    def show(self, report: dict[str, Any]) -> None:
+        keep = self.cursor_row
+        self.report = report
+        layers = report["layers"]
+        largest = max((row["total"] for row in layers), default=0)
+        width = self.bar_width()
+        self.clear()
+        self.columns["bar"].width = width
+        self.columns["bar"].auto_width = False
+        for row in layers:
+            trains = row["trainable"] > 0
+            mark = Text("●", style=TRAINABLE_STYLE) if trains else Text("○", style=FROZEN_STYLE)
+            name = Text(row["name"], style="bold" if trains else "")
+            partial = trains and row["trainable"] != row["total"]
+            share = f" ({row['trainable'] / row['total']:.0%})" if partial else ""
+            self.add_row(
+                mark,
+                name,
+                bar(row["total"], row["trainable"], largest, width),
+                Text(format_count(row["total"]), justify="right"),
+                Text(format_count(row["trainable"]) + share, justify="right"),
+                dtype_label(row),
+                key=row["name"],
+            )
+        if layers:
+            self.move_cursor(row=min(keep, len(layers) - 1), animate=False)
+
+    def on_resize(self) -> None:
+        if self.report is not None:
+            self.show(self.report)
+
+    def highlighted_group(self) -> str | None:
+        if self.report is None or not self.row_count:
+            return None
+        return self.report["layers"][self.cursor_row]["name"]

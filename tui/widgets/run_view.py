@@ -1,0 +1,251 @@
+"""One run on screen: loss curves, progress, speed and memory, latest metrics, and its log.
+
+The same widget shows the live run on the training screen and a run read back from its directory on the runs
+screen; both feed it a `tui.history.RunHistory`. Redrawing the chart is the only costly part, so it happens at
+most twice a second, and only when new points arrived: a busy UI thread would slow the training thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Label, ProgressBar, RichLog, Sparkline, Static
+from textual_plotext import PlotextPlot
+
+from engine.events import Checkpoint, Eval, Event, Log, RunFailed, RunFinished, RunStarted, RunStopped, Step
+from tui.form import display_path
+from tui.history import RunHistory, format_duration
+
+CHART_INTERVAL_S = 0.5
+TEXT_INTERVAL_S = 0.25
+STATUS_STYLE = {
+    "running": "$accent",
+    "starting": "$accent",
+    "finished": "$success",
+    "stopped": "$warning",
+    "failed": "$error",
+    "interrupted": "$warning",
+}
+LINE_COLORS = ("cyan", "orange", "green", "magenta", "blue", "red", "yellow", "gray")
+
+
+@dataclass(frozen=True)
+class Series:
+    label: str
+    steps: Sequence[int]
+    losses: Sequence[float]
+    eval_steps: Sequence[int] = ()
+    eval_losses: Sequence[float] = ()
+
+
+def series_of(history: RunHistory, label: str | None = None) -> Series:
+    eval_steps, eval_losses = history.eval_curve("loss")
+    return Series(label or history.label, history.steps, history.losses, eval_steps, eval_losses)
+
+
+class LossChart(PlotextPlot):
+    """Train loss (and validation loss) against the step, for one run or several overlaid."""
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.series: list[Series] = []
+        self.overlay = False
+
+    def plot(self, series: Iterable[Series], *, overlay: bool = False) -> None:
+        self.series = list(series)
+        self.overlay = overlay
+        plt = self.plt
+        plt.clear_figure()
+        plt.title("loss (train" + (", validation dots)" if not overlay else ")"))
+        plt.xlabel("step")
+        drawn = False
+        for index, run in enumerate(self.series):
+            color = LINE_COLORS[index % len(LINE_COLORS)]
+            if run.steps:
+                label = run.label if overlay else "train"
+                plt.plot(list(run.steps), list(run.losses), marker="braille", color=color, label=label)
+                drawn = True
+            if run.eval_steps and not overlay:
+                plt.scatter(list(run.eval_steps), list(run.eval_losses), marker="●", color="orange", label="validation")
+                drawn = True
+        if not drawn:
+            plt.title("loss: waiting for the first logged step")
+        self.refresh()
+
+
+class RunView(Vertical):
+    """A run's header, progress, chart, stats and log, redrawn from a RunHistory."""
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, classes="run-view")
+        self.history: RunHistory | None = None
+        self._chart_dirty = False
+        self._text_dirty = False
+
+    def compose(self) -> ComposeResult:
+        yield Label("", id="run-title")
+        yield Label("", id="run-error")
+        with Horizontal(id="progress-row"):
+            yield ProgressBar(total=None, show_eta=False, id="run-progress")
+            yield Label("", id="progress-text")
+        with Horizontal(id="run-body"):
+            yield LossChart(id="loss-chart")
+            with VerticalScroll(id="run-side"):
+                yield Static("", id="run-stats")
+                with Horizontal(id="lr-row"):
+                    yield Label("lr curve  ", classes="dim")
+                    yield Sparkline([], id="lr-spark")
+                yield Static("", id="run-metrics")
+        yield RichLog(id="run-log", wrap=True, markup=False, max_lines=2000)
+
+    def on_mount(self) -> None:
+        self.set_interval(CHART_INTERVAL_S, self._flush_chart)
+        self.set_interval(TEXT_INTERVAL_S, self._flush_text)
+        self.set_interval(1.0, self._tick)
+        if self.history is not None:
+            self.show(self.history)
+
+    # full redraw / incremental updates
+
+    def show(self, history: RunHistory) -> None:
+        """Redraw everything from `history` (a run just opened, or a new run started)."""
+        self.history = history
+        if not self.is_mounted:
+            return
+        log = self.query_one("#run-log", RichLog)
+        log.clear()
+        for event in history.journal:
+            line = self._log_line(event)
+            if line is not None:
+                log.write(line)
+        self._update_text()
+        self._chart_dirty = True
+        self._flush_chart()
+
+    def events_applied(self, history: RunHistory, events: Sequence[Event]) -> None:
+        """`events` were just applied to `history`: log them now; numbers and chart follow at a steady pace.
+
+        A run logging every step may send hundreds of events a second; redrawing on each would keep the UI
+        thread (and the GIL) busy and slow the training thread down.
+        """
+        self.history = history
+        if not self.is_mounted:
+            return
+        log = self.query_one("#run-log", RichLog)
+        for event in events:
+            line = self._log_line(event)
+            if line is not None:
+                log.write(line)
+        self._text_dirty = True
+        self._chart_dirty = True
+        if any(not isinstance(event, Step | Log) for event in events):
+            self._flush_text()  # start, eval, end: show at once
+
+    def _flush_text(self) -> None:
+        if self._text_dirty and self.history is not None:
+            self._text_dirty = False
+            self._update_text()
+
+    def _flush_chart(self) -> None:
+        if not self._chart_dirty or self.history is None:
+            return
+        self._chart_dirty = False
+        self.query_one(LossChart).plot([series_of(self.history)])
+        self.query_one("#lr-spark", Sparkline).data = list(self.history.lrs[-200:])
+
+    def _tick(self) -> None:
+        if self.history is not None and self.history.active:
+            self._update_progress(self.history)
+
+    # text
+
+    def _log_line(self, event: Event) -> Text | None:
+        match event:
+            case Log():
+                style = {"warning": "yellow", "error": "red"}.get(event.level, "")
+                return Text(event.message, style=style)
+            case Eval():
+                metrics = "  ".join(f"{k} {v:.4g}" for k, v in event.metrics.items())
+                return Text(f"{event.split} @ step {event.step}: {metrics}", style="cyan")
+            case Checkpoint():
+                return Text(f"checkpoint saved at step {event.step}", style="dim")
+            case RunStarted():
+                resumed = f" (resumed from step {event.resumed_from_step})" if event.resumed_from_step else ""
+                return Text(f"run directory {display_path(event.run_dir)}{resumed}", style="dim")
+            case RunFinished():
+                return Text("finished", style="green")
+            case RunStopped():
+                where = f", checkpoint {display_path(event.checkpoint)}" if event.checkpoint else ""
+                return Text(f"stopped at step {event.step}{where}", style="yellow")
+            case RunFailed():
+                return Text(f"failed: {event.error}", style="bold red")
+        return None
+
+    def _update_text(self) -> None:
+        history = self.history
+        assert history is not None
+        style = STATUS_STYLE.get(history.status, "")
+        parts = [history.label, history.strategy, history.model]
+        title = " · ".join(part for part in parts if part)
+        self.query_one("#run-title", Label).update(f"[{style} b]{history.status}[/]  {title}", layout=False)
+        error = self.query_one("#run-error", Label)
+        error.update(f"error: {history.error}" if history.error else "")
+        error.display = bool(history.error)
+        self._update_progress(history)
+        self.query_one("#run-stats", Static).update(self._stats(history), layout=False)
+        self.query_one("#run-metrics", Static).update(self._metrics(history))
+
+    def _update_progress(self, history: RunHistory) -> None:
+        step = history.last_step
+        bar = self.query_one("#run-progress", ProgressBar)
+        if step is not None:
+            done = step.max_steps if history.status == "finished" else step.step
+            bar.update(total=step.max_steps, progress=done)
+        elif history.status == "finished":
+            bar.update(total=1, progress=1)
+        elapsed = history.elapsed(time.time()) if history.started_at is not None else None
+        pieces = []
+        if step is not None:
+            pieces.append(f"step {step.step}/{step.max_steps}")
+            pieces.append(f"epoch {step.epoch:.2f}")
+        elif history.active:
+            pieces.append("loading model and data…")
+        pieces.append(f"{format_duration(elapsed)} elapsed")
+        if history.active and step is not None and step.eta_s is not None:
+            since_step = max(0.0, time.time() - step.time)
+            pieces.append(f"ETA {format_duration(max(0.0, step.eta_s - since_step))}")
+        self.query_one("#progress-text", Label).update(" · ".join(pieces), layout=False)
+
+    @staticmethod
+    def _stats(history: RunHistory) -> str:
+        step = history.last_step
+        if step is None:
+            return "[dim]no step logged yet[/]"
+        rows = [
+            ("loss", f"{step.loss:.4f}"),
+            ("lr", f"{step.lr:.2e}"),
+            ("grad norm", f"{step.grad_norm:.3g}" if step.grad_norm is not None else "–"),
+            ("samples/s", f"{step.samples_per_second:.1f}"),
+            ("tokens/s", f"{step.tokens_per_second:,.0f}"),
+            ("RSS", f"{step.memory_rss_mb:,.0f} MiB" if step.memory_rss_mb is not None else "–"),
+        ]
+        if step.gpu_memory_mb is not None:
+            rows.append(("GPU mem", f"{step.gpu_memory_mb:,.0f} MiB"))
+        return "\n".join(f"{name:<10}[b]{value}[/]" for name, value in rows)
+
+    @staticmethod
+    def _metrics(history: RunHistory) -> str:
+        lines = []
+        for split in ("validation", "test"):
+            metrics = history.latest_metrics(split)
+            if metrics:
+                lines.append(f"[b]{split}[/]")
+                lines.extend(f"  {name:<9}{value:.4f}" for name, value in metrics.items() if name != "perplexity")
+                if "perplexity" in metrics:
+                    lines.append(f"  {'ppl':<9}{metrics['perplexity']:.4g}")
+        return "\n".join(lines)

@@ -9,6 +9,7 @@ workers, so the first screen paints before any of them loads.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 import threading
 import time
@@ -33,15 +34,16 @@ from tui.history import RunHistory
 from tui.presets import default_preset_path, load_preset, preset_files, save_preset
 from tui.screens.base import MainScreen, one_line
 from tui.screens.dialogs import ConfirmScreen, PresetPickerScreen, SavePresetScreen
-from tui.screens.freeze_map import FreezeMapScreen
-from tui.screens.help import HelpScreen
-from tui.screens.runs import RunsScreen
 from tui.screens.setup import SetupScreen
-from tui.screens.train import TrainScreen
 from tui.sink import EngineEvents, MessageSink
 
 BANNER_INTERVAL_S = 0.5
 HEAVY_MODULES = ("torch", "transformers", "peft", "datasets")
+
+
+def _screen(module: str, name: str) -> Screen:
+    """A mode's screen, its module imported when first shown (the first paint needs only the setup screen)."""
+    return getattr(importlib.import_module(f"tui.screens.{module}"), name)()
 
 
 class RunEnded(Message):
@@ -57,9 +59,9 @@ class FinetuiApp(App[None]):
     TITLE = "finetui"
     MODES: ClassVar[dict[str, Any]] = {
         "setup": SetupScreen,
-        "freeze": FreezeMapScreen,
-        "train": TrainScreen,
-        "runs": RunsScreen,
+        "freeze": lambda: _screen("freeze_map", "FreezeMapScreen"),
+        "train": lambda: _screen("train", "TrainScreen"),
+        "runs": lambda: _screen("runs", "RunsScreen"),
     }
     DEFAULT_MODE = "setup"
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -365,6 +367,8 @@ class FinetuiApp(App[None]):
     # help and the command palette
 
     def action_help(self) -> None:
+        from tui.screens.help import HelpScreen
+
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 

@@ -16,8 +16,8 @@ import threading
 from engine.cli import SUBCOMMANDS
 from engine.cli import main as cli_main
 
-USAGE = """usage: finetui [PRESET]                 open the app (with a preset file or bundled preset loaded)
-       finetui {run,inspect,eval,presets} ...  headless commands (finetui COMMAND --help)
+USAGE = f"""usage: finetui [PRESET]   open the app (with a preset file or a bundled preset loaded)
+       finetui {{{",".join(SUBCOMMANDS)}}} ...   headless commands (finetui COMMAND --help)
 """
 
 

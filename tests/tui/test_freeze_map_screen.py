@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import json
 from contextlib import redirect_stdout
+from pathlib import Path
 
 from textual.widgets import Input, Select, Static
 
 from engine.cli import main as cli_main
-from engine.config import build_config
+from engine.config import build_config, load_config
 from engine.inspect import inspect_config
 from tests.tui.conftest import make_app, plain, quickstart, screen_text
 from tui.form import with_value
@@ -69,7 +70,7 @@ async def test_quickstart_map_equals_inspect_json_and_follows_the_strategy() -> 
         assert "rank r" in screen_text(app)
 
 
-async def test_toggling_rows_trains_exactly_those_groups_with_the_custom_strategy() -> None:
+async def test_toggling_rows_trains_exactly_those_groups_with_the_custom_strategy(tmp_path: Path) -> None:
     setup = with_value(with_value(quickstart(), "model.id", "builtin:tiny-bert"), "strategy.kind", "head")
     app = make_app(setup)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -106,6 +107,12 @@ async def test_toggling_rows_trains_exactly_those_groups_with_the_custom_strateg
         )  # fmt: skip
         assert cli["trainable_params"] == screen.report["trainable_params"]
         assert cli["total_params"] == screen.report["total_params"]
+
+        await pilot.press("ctrl+s")  # a saved preset records the hand-picked groups
+        app.screen.query_one(Input).value = str(tmp_path / "picked.toml")
+        await pilot.press("enter")
+    saved = load_config(tmp_path / "picked.toml")
+    assert (saved.strategy.kind, saved.strategy.trainable) == ("custom", ["bert.encoder.layer.3", "classifier"])
 
 
 async def test_a_strategy_that_does_not_fit_the_model_is_reported_on_the_map() -> None:

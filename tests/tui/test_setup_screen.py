@@ -135,3 +135,14 @@ async def test_load_and_save_presets_never_overwriting_without_asking(tmp_path: 
     config = load_config(target)
     assert config.name == "quickstart" and Path(config.data.train).is_file()
     assert config.data.train.endswith("presets/data/quickstart/train.jsonl")
+
+
+def test_the_builtin_model_list_matches_the_engine() -> None:
+    from engine.models import BUILTIN_MODELS as ENGINE_BUILTINS
+    from tui.form import BUILTIN_MODELS
+
+    assert [name for name, _, _ in BUILTIN_MODELS] == [f"builtin:{name}" for name in ENGINE_BUILTINS]
+    for (_, size, task), model in zip(BUILTIN_MODELS, ENGINE_BUILTINS.values(), strict=True):
+        assert task == model.task
+        number, unit = size.split()
+        assert abs(float(number) * {"k": 1e3, "M": 1e6}[unit] - model.approx_params) / model.approx_params < 0.01

@@ -91,7 +91,8 @@ class RunView(Vertical):
         yield Label("", id="run-title")
         yield Label("", id="run-error")
         with Horizontal(id="progress-row"):
-            yield ProgressBar(total=None, show_eta=False, id="run-progress")
+            # a known total from the start: an indeterminate bar animates at full frame rate, costing the CPU
+            yield ProgressBar(total=1, show_eta=False, id="run-progress")
             yield Label("", id="progress-text")
         with Horizontal(id="run-body"):
             yield LossChart(id="loss-chart")
@@ -206,8 +207,8 @@ class RunView(Vertical):
         if step is not None:
             done = step.max_steps if history.status == "finished" else step.step
             bar.update(total=step.max_steps, progress=done)
-        elif history.status == "finished":
-            bar.update(total=1, progress=1)
+        else:
+            bar.update(total=1, progress=1 if history.status == "finished" else 0)
         elapsed = history.elapsed(time.time()) if history.started_at is not None else None
         pieces = []
         if step is not None:

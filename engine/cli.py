@@ -19,8 +19,9 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from engine.config import ConfigError, RunConfig, load_config, read_preset_file
+from engine.distributed import LAUNCHED_ENV
 from engine.preflight import check_run_config
-from engine.runs import check_resumable
+from engine.runs import check_resumable, load_run_config, override_resumed_config
 from engine.sinks import (
     EventSink,
     GuardedSink,
@@ -58,6 +59,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         shortcuts.append(f"model.id={json.dumps(args.model)}")
     if getattr(args, "strategy", None):
         shortcuts.append(f"strategy.kind={args.strategy}")
+    if getattr(args, "nproc", None):
+        shortcuts.append(f"train.nproc={args.nproc}")
     return [*shortcuts, *args.set]
 
 
@@ -88,7 +91,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             "PRESET": args.preset,
             "--model": args.model,
             "--strategy": args.strategy,
-            "--set": args.set,
             "--output-dir": args.output_dir,
         }
         given = [flag for flag, value in options.items() if value]
@@ -97,7 +99,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"--resume continues a run with the config.toml in its directory; drop {', '.join(given)}"
             )
         run_dir = Path(args.resume)
-        check_resumable(run_dir)
+        if args.nproc and args.nproc != load_run_config(run_dir).train.nproc:
+            raise ConfigError(
+                f"--nproc {args.nproc}: the run trains with train.nproc = {load_run_config(run_dir).train.nproc} "
+                "(its checkpoints hold that global batch); drop --nproc"
+            )
+        if args.set:
+            override_resumed_config(run_dir, args.set)
+        else:
+            check_resumable(run_dir)
     else:
         config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
         check_run_config(config, args.output_dir)
@@ -116,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     sink: EventSink = TextLogSink() if args.detached_child else GuardedSink(view)
     stop_event = threading.Event()
     received: list[int] = []
-    _install_stop_handlers(stop_event, received, detached_child=args.detached_child)
+    if not os.environ.get(LAUNCHED_ENV):  # a worker of `--nproc` stops through the stop file; SIGTERM ends it
+        _install_stop_handlers(stop_event, received, detached_child=args.detached_child)
     from engine.trainer import resume_training, run_training
 
     if received and config is not None:
@@ -230,10 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="model id (short for --set model.id=M)")
     run.add_argument("--strategy", help="strategy kind (short for --set strategy.kind=S)")
     run.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
+    run.add_argument(
+        "--nproc", type=int, default=None, metavar="N", help="training processes, one per GPU (--set train.nproc=N)"
+    )
     run.add_argument("--output-dir", type=Path, default=None, help="parent of the run directory (train.output_dir)")
     run.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
     run.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its last checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped or interrupted run from its last checkpoint (--set may change train.epochs, "
+        "max_steps, eval_steps, eval_batch_size, logging_steps, save_steps, save_total_limit)",
     )
     run.add_argument(
         "--detach", action="store_true", help="run in the background, immune to a closed terminal; prints the run dir"

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 StrategyKind = Literal["feature", "head", "last_layers", "full", "lora", "dora", "qlora", "custom"]
 STRATEGY_KINDS: tuple[str, ...] = StrategyKind.__args__  # type: ignore[attr-defined]
-PATH_FIELDS = (("data", "train"), ("data", "validation"), ("data", "test"), ("model", "id"))
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "auto_wrap", "offload")
+PATH_FIELDS = (("data", "train"), ("data", "validation"), ("data", "test"), ("model", "id"), ("train", "deepspeed"))
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,8 @@ class DataConfig(_Section):
     """Use only a seeded random N of the training rows (quick runs)."""
     max_eval_samples: int | None = Field(default=None, ge=1)
     """Use only a seeded random N of the validation and test rows (quick runs)."""
+    packing: bool = False
+    """Causal LM (Llama, Qwen2/3): each batch is one row without padding; attention stays within each example."""
 
 
 class StrategyConfig(_Section):
@@ -151,12 +154,30 @@ class TrainConfig(_Section):
     """Emit a step event (loss, lr, speed) every N optimizer steps."""
     save_steps: int | None = Field(default=None, ge=1)
     """Checkpoint every N steps; when unset, at the end of each epoch."""
-    save_total_limit: int | None = Field(default=2, ge=1)
-    """Keep only the last K checkpoints."""
+    save_total_limit: int = Field(default=2, ge=0)
+    """Keep only the last K checkpoints (0 keeps every checkpoint)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    cache_frozen: bool = True
+    """`head`/`last_layers` on BERT/DistilBERT classifiers: compute the frozen layers once, train the top on them."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """`auto`: fp32 on CPU, bf16 on GPUs that support it. Pure fp16 is refused (it diverges)."""
+    device: str = "auto"
+    """`auto` (a CUDA GPU when there is one, else the CPU), `cpu`, `cuda`, or `cuda:N` (one process only)."""
+    nproc: int = Field(default=1, ge=1, le=1024)
+    """Training processes on this machine (`--nproc N`), one per GPU, launched with torchrun; the HF Trainer does
+    DDP (gloo on CPUs). Each process takes `batch_size` examples per forward pass, so the global batch is
+    batch_size x grad_accum x nproc, an epoch has N times fewer optimizer steps, and `lr` applies to the global
+    batch as is (not rescaled)."""
+    fsdp: str | None = None
+    """Fully sharded data parallel over the `nproc` processes: the Trainer's `fsdp` options, e.g.
+    "full_shard auto_wrap" (weights, gradients and optimizer states sharded) or "shard_grad_op auto_wrap"."""
+    deepspeed: str | None = None
+    """DeepSpeed config file (JSON; a path relative to the preset resolves against the preset's folder), e.g. ZeRO
+    stage 2 or 3; needs `pip install deepspeed` and GPUs."""
+    optim: str = "auto"
+    """Optimizer, as TrainingArguments names it: `auto` (the Trainer's default AdamW), `adamw_torch`,
+    `paged_adamw_8bit` (bitsandbytes, CUDA: 8-bit states paged to host memory, for QLoRA), ..."""
     output_dir: str = "runs"
     """Where run directories (`<name>-<timestamp>/`) are created."""
 
@@ -166,6 +187,29 @@ class TrainConfig(_Section):
         if value == "fp16":
             raise ValueError("pure fp16 training diverges (Raschka's IMDB run fell to 50%); use auto, bf16 or fp32")
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N (N: a GPU index)")
+        return value
+
+    @field_validator("fsdp")
+    @classmethod
+    def _known_fsdp_options(cls, value: str | None) -> str | None:
+        unknown = set((value or "").split()) - set(FSDP_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown option {sorted(unknown)[0]!r}; use {', '.join(FSDP_OPTIONS)}")
+        return value or None
+
+    @model_validator(mode="after")
+    def _parallel_settings_fit(self) -> TrainConfig:
+        if self.nproc > 1 and self.device.startswith("cuda:"):
+            raise ValueError("train.device: cuda:N picks one GPU; with nproc > 1 use cuda (CUDA_VISIBLE_DEVICES picks)")
+        if self.fsdp and self.deepspeed:
+            raise ValueError("train.fsdp: FSDP and DeepSpeed both shard the model; set one of fsdp and deepspeed")
+        return self
 
 
 class RunConfig(_Section):

@@ -24,16 +24,24 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import ClassLabel, Dataset
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+)
 
+from engine import cache as cache_lib
 from engine.config import ConfigError, DataConfig
+from engine.sources import FORMAT_BY_SUFFIX, is_hub_dataset, looks_like_data_path
 
-FORMAT_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 INTEGER = re.compile(r"[+-]?\d+")
 DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 IGNORE_INDEX = -100
+# Causal LMs whose attention masks come from transformers' masking_utils, which turns restarting position ids
+# into a block-diagonal mask (sdpa, eager, flash and flex attention alike): packed examples never see each other.
+PACKABLE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 MAP_BATCH_SIZE = 1000
 
 # Stanford Alpaca's two prompts (tatsu-lab/stanford_alpaca PROMPT_DICT) with the newline after "### Response:"
@@ -74,6 +82,7 @@ class PreparedData:
     num_labels: int | None
     collator: Collator
     warnings: list[str] = field(default_factory=list)
+    from_cache: bool = False
 
 
 def read_table(
@@ -100,12 +109,14 @@ def read_table(
         raise DataError(f"{source}: is a directory; give a data file (csv, tsv, json, jsonl or parquet)")
     if path.is_file():
         return _read_file(path, fmt, header)
-    if not _is_hub_id(source):
+    if not is_hub_dataset(source):
         raise DataError(f"{source}: no such file")
     return _load_hub_split(source, config_name, split or "train")
 
 
-def prepare_data(cfg: DataConfig, *, task: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig, *, task: str, tokenizer: PreTrainedTokenizerBase, seed: int, cache: bool = False
+) -> PreparedData:
     """Load, subsample, check and tokenise the train/validation/test data of a run.
 
     `data.train` is a local file or a hub dataset id (its `train` split). `data.validation` and `data.test` are
@@ -120,7 +131,15 @@ def prepare_data(cfg: DataConfig, *, task: str, tokenizer: PreTrainedTokenizerBa
     Causal (`task="causal"`): rows are instruction/input/output (Alpaca), prompt/response, or a single text
     column (`template="none"`); the loss covers the response tokens and the appended eos only. Examples whose
     response is empty or truncated away by `max_length` are dropped and counted in `warnings`.
+
+    `cache`: keep the tokenised splits of local files on disk (`engine.cache`), keyed by the files' contents, the
+    data settings, the seed and the tokenizer, and reuse them on the next run with the same inputs.
     """
+    if cfg.packing and task != "causal":
+        raise DataError("data.packing: packs causal LM examples; classification batches are padded per batch already")
+    key = _tokenised_key(cfg, task, tokenizer, seed) if cache else None
+    if key is not None and (cached := _load_tokenised(key, task, tokenizer, cfg.packing)) is not None:
+        return cached
     warnings: list[str] = []
     max_length = _effective_max_length(cfg, tokenizer, warnings)
     train, validation, test = _load_splits(cfg, seed)
@@ -138,7 +157,7 @@ def prepare_data(cfg: DataConfig, *, task: str, tokenizer: PreTrainedTokenizerBa
             _check_labels(role, split, cfg.label_field, num_labels, label_ids)
     encode, collator = _encoder_and_collator(cfg, task, tokenizer, max_length, label_ids, present)
     tokenised = {role: _tokenise(role, split, encode, max_length, warnings) for role, split in present.items()}
-    return PreparedData(
+    prepared = PreparedData(
         train=tokenised["train"],
         validation=tokenised["validation"],
         test=tokenised.get("test"),
@@ -146,6 +165,56 @@ def prepare_data(cfg: DataConfig, *, task: str, tokenizer: PreTrainedTokenizerBa
         num_labels=num_labels,
         collator=collator,
         warnings=warnings,
+    )
+    if key is not None:
+        _store_tokenised(key, prepared)
+    return prepared
+
+
+def _tokenised_key(cfg: DataConfig, task: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> str | None:
+    """Cache key of a run's tokenised data; None for hub datasets (the datasets library caches those itself)."""
+    files = [Path(spec).expanduser() for spec in (cfg.train, cfg.validation, cfg.test) if spec]
+    if not all(path.is_file() for path in files):
+        return None
+    contents = [cache_lib.file_digest(path) for path in files]
+    return cache_lib.digest(
+        "tokenised", cfg.model_dump(mode="json"), task, seed, contents, cache_lib.tokenizer_fingerprint(tokenizer)
+    )
+
+
+def _store_tokenised(key: str, prepared: PreparedData) -> None:
+    def write(folder: Path) -> None:
+        for role in ("train", "validation", "test"):
+            split = getattr(prepared, role)
+            if split is not None:
+                split.save_to_disk(str(folder / role))
+        meta = {"label_names": prepared.label_names, "num_labels": prepared.num_labels, "warnings": prepared.warnings}
+        (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    target = cache_lib.tokenised_dir(key)
+    if not target.is_dir():
+        cache_lib.publish_dir(target, write)
+
+
+def _load_tokenised(key: str, task: str, tokenizer: PreTrainedTokenizerBase, packing: bool) -> PreparedData | None:
+    folder = cache_lib.tokenised_dir(key)
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        splits = {
+            role: datasets.load_from_disk(str(folder / role)) if (folder / role).is_dir() else None
+            for role in ("train", "validation", "test")
+        }
+    except (OSError, ValueError, FileNotFoundError):
+        return None
+    return PreparedData(
+        train=splits["train"],
+        validation=splits["validation"],
+        test=splits["test"],
+        label_names=meta["label_names"],
+        num_labels=meta["num_labels"],
+        collator=_collator(task, tokenizer, packing),
+        warnings=meta["warnings"],
+        from_cache=True,
     )
 
 
@@ -193,26 +262,43 @@ def _encoder_and_collator(
     label_ids: dict[Any, int] | None,
     present: dict[str, Dataset],
 ) -> tuple[Encoder, Collator]:
+    collator = _collator(task, tokenizer, cfg.packing)
     if task == "classification":
-        return _classification_encoder(cfg, tokenizer, max_length, label_ids), DataCollatorWithPadding(tokenizer)
+        return _classification_encoder(cfg, tokenizer, max_length, label_ids), collator
     if task == "causal":
-        encode = _causal_encoder(cfg, tokenizer, max_length, _causal_layout(cfg, present))
-        return encode, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+        return _causal_encoder(cfg, tokenizer, max_length, _causal_layout(cfg, present)), collator
     raise ValueError(f"unknown task {task!r}: expected classification or causal")
 
 
-def _is_hub_id(source: str) -> bool:
-    """Whether `source` names a hub dataset (no such local path, and shaped like `name` or `owner/name`)."""
-    return not Path(source).expanduser().exists() and not _looks_like_path(source) and bool(HUB_ID.fullmatch(source))
+def _collator(task: str, tokenizer: PreTrainedTokenizerBase, packing: bool) -> Collator:
+    """Pads each batch to its own longest row (labels with -100 for causal LM), or packs causal examples into one
+    row with position ids restarting at each example and no attention mask (`data.packing`)."""
+    if task == "causal" and packing:
+        return PackingCollator(return_position_ids=True, separator_id=IGNORE_INDEX)
+    if task == "causal":
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    return DataCollatorWithPadding(tokenizer)
 
 
-def _looks_like_path(source: str) -> bool:
-    return (
-        source.startswith(("/", ".", "~"))
-        or "\\" in source
-        or source.count("/") > 1
-        or Path(source).suffix.lower() in FORMAT_BY_SUFFIX
-    )
+class PackingCollator(DataCollatorWithFlattening):
+    """transformers' flattening collator, with `use_cache=False` in every batch.
+
+    The mask functions detect packed examples from restarting position ids only when no KV cache is passed, and
+    Llama-like models create one whenever `use_cache` is on (their default, also in training): packed examples
+    would then attend to each other (tests/engine/test_packing.py shows both).
+    """
+
+    def __call__(self, features: list[dict[str, Any]], return_tensors: Any = None, separator_id: Any = None) -> Any:
+        return {**super().__call__(features, return_tensors, separator_id), "use_cache": False}
+
+
+def check_packing(model_type: str) -> None:
+    """`data.packing` only where packed examples are known to stay apart (`PACKABLE_MODEL_TYPES`)."""
+    if model_type not in PACKABLE_MODEL_TYPES:
+        raise DataError(
+            f"data.packing: not supported for {model_type!r} models (only {', '.join(PACKABLE_MODEL_TYPES)}, whose "
+            "attention stays within each packed example); set data.packing = false"
+        )
 
 
 def _first_line(error: BaseException) -> str:
@@ -404,7 +490,7 @@ def _load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset 
 
 def _read_extra_split(role: str, spec: str, cfg: DataConfig) -> Dataset:
     """A validation/test file, or a split name of the hub dataset that `data.train` names."""
-    if _is_hub_id(cfg.train) and "/" not in spec and not _looks_like_path(spec):
+    if is_hub_dataset(cfg.train) and "/" not in spec and not looks_like_data_path(spec):
         return _in_role(role, lambda: read_table(cfg.train, config_name=cfg.config_name, split=spec))
     if not Path(spec).expanduser().is_file():
         raise DataError(f"data.{role}: {spec}: no such file")

@@ -40,7 +40,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 
 
-def _spawn(run_dir: Path) -> int:
+def _spawn(run_dir: Path, nproc: int = 1) -> int:
+    if nproc > 1:  # torchrun and its workers (engine.distributed), in their own session as below
+        from engine.distributed import start_workers
+
+        process = start_workers(run_dir, nproc, detached=True)
+        threading.Thread(target=process.wait, name=f"finetui-reap-{process.pid}", daemon=True).start()
+        return process.pid
     run_dir = run_dir.resolve()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
@@ -70,15 +76,15 @@ def start_detached(config: RunConfig, *, output_dir: Path | None = None) -> Path
     """
     from engine.trainer import prepare_run_dir
 
-    _, run_dir = prepare_run_dir(config, output_dir)
-    _spawn(run_dir)
+    config, run_dir = prepare_run_dir(config, output_dir)
+    _spawn(run_dir, config.train.nproc)
     return run_dir.resolve()
 
 
 def resume_detached(run_dir: Path) -> Path:
     """`finetui run --resume RUN_DIR --detach`: continue a run in its own process session."""
-    check_resumable(run_dir)
-    _spawn(run_dir)
+    config = check_resumable(run_dir)
+    _spawn(run_dir, config.train.nproc)
     return run_dir.resolve()
 
 
@@ -118,22 +124,26 @@ def follow_run(
     *,
     should_stop: Callable[[], bool] = lambda: False,
     on_stop_sent: Callable[[bool], None] = lambda sent: None,
+    should_leave: Callable[[], bool] = lambda: False,
+    since: int | None = None,
     poll_s: float = 0.2,
-) -> int:
+) -> int | None:
     """Show a run's current session (from its last `run_started`) on `sink` and follow it until it ends.
 
     Returns the run's exit code (0 finished, 1/2 failed, 130 stopped). When `should_stop()` turns true the
     run's process is asked to stop once (`on_stop_sent(sent)` reports it) and following goes on until it
-    records `run_stopped`. Raises ConfigError for a directory that is not a run, ProcessVanished when
-    the process is gone without a final event.
+    records `run_stopped`. When `should_leave()` turns true, following ends and None is returned (the run goes
+    on). `since`: show only what was written after this offset of events.jsonl (a session the caller
+    starts, whose `run_started` is not written yet). Raises ConfigError for a directory that is not a run,
+    ProcessVanished when the process is gone without a final event.
     """
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise ConfigError(f"{run_dir}: not a finetui run directory (no config.toml)")
-    follower = EventFollower(run_dir)
+    follower = EventFollower(run_dir, since or 0)
     backlog = follower.poll()
     starts = [index for index, event in enumerate(backlog) if isinstance(event, RunStarted)]
-    pending = backlog[starts[-1] :] if starts else backlog
+    pending = backlog[starts[-1] :] if starts and since is None else backlog
     ended: Event | None = None
     stop_sent = False
     gone_polls = 0
@@ -162,5 +172,7 @@ def follow_run(
                 )
         else:
             gone_polls = 0
+        if should_leave():
+            return None
         time.sleep(poll_s)
         pending = follower.poll()

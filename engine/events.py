@@ -32,6 +32,7 @@ class RunStarted(Event):
     task: str
     config: dict[str, Any]
     resumed_from_step: int | None = None
+    processes: int = 1  # training processes (`train.nproc`); rank 0 writes the events
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +62,9 @@ class Step(Event):
     elapsed_s: float
     eta_s: float | None
     memory_rss_mb: float | None = None
-    gpu_memory_mb: float | None = None
+    gpu_memory_mb: float | None = None  # CUDA memory of rank 0's GPU: allocated now, reserved by the allocator,
+    gpu_reserved_mb: float | None = None  # and the peak allocated since training (this session) began
+    gpu_peak_mb: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -154,6 +154,22 @@ def _group_of(name: str, heads: list[str], embeddings: list[str], blocks_name: s
     return name.rpartition(".")[0] or name, "other"
 
 
+def parameter_groups(model: nn.Module) -> dict[str, tuple[str, GroupKind]]:
+    """The freeze-map group (name, kind) of every parameter, keyed by its name in `model.named_parameters()`."""
+    base = unwrap(model)
+    prefix = _relative_prefix(model)
+    try:
+        blocks_name, _ = find_blocks(base)
+    except ValueError:
+        blocks_name = ""
+    heads = _head_names(base)
+    embeddings = _embedding_names(base, blocks_name)
+    return {
+        name: _group_of(name.removeprefix(prefix), heads, embeddings, blocks_name)
+        for name, _ in model.named_parameters()
+    }
+
+
 def compute_freeze_map(
     model: nn.Module,
     *,
@@ -161,6 +177,8 @@ def compute_freeze_map(
     seq_len: int | None = None,
     gradient_checkpointing: bool = False,
     frozen_linear_4bit: str | None = None,
+    processes: int = 1,
+    sharding: str = "none",
 ) -> FreezeMap:
     """Group a prepared model's parameters (adapters in the group of the module they wrap) and estimate memory.
 
@@ -170,20 +188,15 @@ def compute_freeze_map(
     maps an unquantised (meta) model as the 4-bit load will be: frozen linear weights outside the output
     layers are labelled and costed as 4-bit; counts do not change (peft counts both alike).
     """
-    base = unwrap(model)
-    prefix = _relative_prefix(model)
-    try:
-        blocks_name, _ = find_blocks(base)
-    except ValueError:
-        blocks_name = ""
-    heads = _head_names(base)
-    embeddings = _embedding_names(base, blocks_name)
-
-    planned = _planned_4bit_weights(model, heads, prefix) if frozen_linear_4bit else set()
+    planned = (
+        _planned_4bit_weights(model, _head_names(unwrap(model)), _relative_prefix(model))
+        if frozen_linear_4bit
+        else set()
+    )
+    group_of = parameter_groups(model)
     groups: dict[str, dict[str, Any]] = {}
     for full_name, parameter in model.named_parameters():
-        name = full_name.removeprefix(prefix)
-        group_name, kind = _group_of(name, heads, embeddings, blocks_name)
+        group_name, kind = group_of[full_name]
         group = groups.setdefault(
             group_name, {"kind": kind, "total": 0, "trainable": 0, "dtypes": Counter(), "quantization": None}
         )
@@ -211,7 +224,14 @@ def compute_freeze_map(
     memory = None
     if batch_size is not None and seq_len is not None:
         memory = estimate_memory(
-            model, layers, batch_size, seq_len, gradient_checkpointing=gradient_checkpointing, planned_4bit=planned
+            model,
+            layers,
+            batch_size,
+            seq_len,
+            gradient_checkpointing=gradient_checkpointing,
+            planned_4bit=planned,
+            processes=processes,
+            sharding=sharding,
         )
     return FreezeMap(
         layers=layers,
@@ -252,8 +272,11 @@ def estimate_memory(
     *,
     gradient_checkpointing: bool = False,
     planned_4bit: set[int] | None = None,
+    processes: int = 1,
+    sharding: str = "none",
 ) -> MemoryEstimate:
-    """Training memory of one process, in bytes. An estimate: it ignores runtime overhead and fragmentation.
+    """Training memory of one process (one device), in bytes. An estimate: it ignores runtime overhead and
+    fragmentation. `batch_size` is per device.
 
     - weights: every parameter's storage (4-bit tensors: packed bytes + quantisation constants).
     - gradients: one per trainable parameter, in the parameter's dtype.
@@ -263,6 +286,9 @@ def estimate_memory(
       keeps s*b*h*(34 + 5*a*s/h) * x/2 bytes (Korthikanti et al. 2022, counted for 16-bit activations);
       with gradient checkpointing the blocks keep only their input (s*b*h*x each) plus one block's full
       activations during recomputation. A causal LM adds its logits and their gradient, 2*b*s*vocab*4 bytes.
+    - `processes` > 1 (`engine.distributed.sharding`): plain DDP replicates everything and keeps a second copy of
+      the gradients in its all-reduce buckets; ZeRO-1 divides the optimizer states by the process count, ZeRO-2 and
+      FSDP shard_grad_op the gradients too, ZeRO-3 and FSDP full_shard the weights as well.
     """
     planned = planned_4bit or set()
     weights = sum(_storage_bytes(parameter, id(parameter) in planned) for parameter in model.parameters())
@@ -287,10 +313,18 @@ def estimate_memory(
     if callable(get_output) and get_output() is not None and trainable:
         activations += 2 * tokens * int(getattr(config, "vocab_size", 0) or 0) * 4
 
+    parallel = ""
+    if processes > 1:
+        shard = {"none": 0, "optimizer": 1, "gradients": 2, "full": 3}[sharding]
+        optimizer //= processes if shard >= 1 else 1
+        gradients = gradients // processes if shard >= 2 else gradients * (2 if shard == 0 else 1)
+        weights //= processes if shard >= 3 else 1
+        shared = ("DDP buckets: gradients x 2", "optimizer sharded", "gradients, optimizer sharded", "all sharded")
+        parallel = f" per device of {processes} ({shared[shard]})"
     checkpointing = ", gradient checkpointing" if gradient_checkpointing else ""
     note = (
-        f"estimate for batch {batch_size} x {seq_len} tokens: weights, gradients, AdamW states (2 x fp32 per "
-        f"trainable parameter), activations of {backward_blocks}/{all_blocks} blocks{checkpointing}; "
+        f"estimate{parallel} for batch {batch_size} x {seq_len} tokens: weights, gradients, AdamW states (2 x fp32 "
+        f"per trainable parameter), activations of {backward_blocks}/{all_blocks} blocks{checkpointing}; "
         "excludes framework overhead and fragmentation"
     )
     return MemoryEstimate(

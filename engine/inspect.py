@@ -14,6 +14,7 @@ from engine.config import RunConfig
 
 def inspect_config(config: RunConfig) -> dict[str, Any]:
     """`FreezeMap.to_dict()` of the config's model and strategy, plus `model` and `strategy` keys."""
+    from engine.distributed import sharding
     from engine.freeze_map import compute_freeze_map
     from engine.models import build_meta_model, resolve_task
     from engine.strategies import get_strategy
@@ -30,5 +31,7 @@ def inspect_config(config: RunConfig) -> dict[str, Any]:
         seq_len=config.data.max_length,
         gradient_checkpointing=config.train.gradient_checkpointing,
         frozen_linear_4bit=config.strategy.quant_type if config.strategy.kind == "qlora" else None,
+        processes=config.train.nproc,
+        sharding=sharding(config),
     )
     return {"model": config.model.id, "strategy": config.strategy.kind, **freeze_map.to_dict()}

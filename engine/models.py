@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -38,23 +37,18 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from engine.config import ConfigError, ModelConfig
+from engine.config import ModelConfig
+from engine.sources import BUILTIN_PREFIX, ModelError, ModelSource, model_source
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_PREFIX = "builtin:"
 _TINY_SEED = 1234
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TINY_LLAMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-
-
-class ModelError(ConfigError):
-    """The model could not be found or loaded; the message is one line meant for people."""
 
 
 @dataclass(frozen=True)
@@ -75,15 +69,6 @@ _BUILTIN_LIST = (
 BUILTIN_MODELS: dict[str, BuiltinModel] = {model.name: model for model in _BUILTIN_LIST}
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's files are: `path` is a folder (or a hub id for kind "hub")."""
-
-    kind: Literal["builtin", "local", "gguf", "hub"]
-    path: str
-    gguf_file: str | None = None
-
-
 def cache_dir() -> Path:
     """finetui's cache folder: `$FINETUI_CACHE`, or `~/.cache/finetui`."""
     configured = os.environ.get("FINETUI_CACHE")
@@ -92,21 +77,10 @@ def cache_dir() -> Path:
 
 def resolve_model(model_id: str) -> ModelSource:
     """Where `model_id` lives. Builtins are generated or converted into the cache on first use."""
-    if model_id.startswith(BUILTIN_PREFIX):
-        return ModelSource("builtin", str(_builtin_folder(model_id.removeprefix(BUILTIN_PREFIX))))
-    path = Path(model_id).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model.id: {model_id} holds no model (no config.json); point it at a model folder")
-        return ModelSource("local", str(path))
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelError(f"model.id: {model_id} is a file; expected a model folder or a .gguf file")
-        return ModelSource("gguf", str(path.parent), path.name)
-    looks_like_path = model_id.startswith((".", "/", "~")) or model_id.endswith(".gguf")
-    if looks_like_path or not _HUB_ID.match(model_id):
-        raise ModelError(f"model.id: {model_id} does not exist; give a model folder, a .gguf file or a hub id")
-    return ModelSource("hub", model_id)
+    source = model_source(model_id)
+    if source.kind == "builtin":
+        return ModelSource("builtin", str(_builtin_folder(source.path)))
+    return source
 
 
 def _builtin_folder(name: str) -> Path:
@@ -318,6 +292,7 @@ def load_model(
     label_names: list[str] | None = None,
     quantization_config: Any | None = None,
     dtype: torch.dtype = torch.float32,
+    device_map: str | None = None,
 ) -> PreTrainedModel:
     """A sequence classifier (new head, labels named) or a causal LM, with weights, ready to prepare.
 
@@ -333,6 +308,8 @@ def load_model(
     if resolve_task(cfg) == "classification" and config.pad_token_id is None:
         config.pad_token_id = load_tokenizer(cfg).pad_token_id
     kwargs = _pretrained_kwargs(cfg, source)
+    if device_map is not None:  # e.g. "sequential" for inference: spread over GPUs only what one cannot hold
+        kwargs["device_map"] = device_map
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map=_quantized_device_map())
     with _load_errors(source, cfg.id):

@@ -11,25 +11,16 @@ import os
 from pathlib import Path
 
 from engine.config import ConfigError, RunConfig
+from engine.distributed import check_parallel_config
 from engine.runs import CONFIG_FILE
-
-DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
-
-
-def _looks_like_path(source: str) -> bool:
-    return (
-        source.startswith(("/", ".", "~"))
-        or "\\" in source
-        or source.count("/") > 1
-        or Path(source).suffix.lower() in DATA_SUFFIXES
-    )
+from engine.sources import looks_like_data_path, model_source
 
 
 def check_data_file(role: str, source: str) -> None:
     """A local data file must exist, be a file and hold something; hub ids are left to the loader."""
     path = Path(source).expanduser()
     if not path.exists():
-        if _looks_like_path(source):
+        if looks_like_data_path(source):
             raise ConfigError(f"data.{role}: {source}: no such file; check the path (relative to the working dir)")
         return
     if path.is_dir():
@@ -38,21 +29,6 @@ def check_data_file(role: str, source: str) -> None:
         raise ConfigError(f"data.{role}: {source}: the file is empty; give a file with rows")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"data.{role}: {source}: not readable (permissions)")
-
-
-def check_model_path(model_id: str) -> None:
-    """A local model folder must hold a config.json; a file must be a .gguf. Builtins and hub ids pass."""
-    if model_id.startswith("builtin:"):
-        return
-    path = Path(model_id).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.id: {model_id} holds no model (no config.json); point it at a model folder")
-    elif path.is_file():
-        if path.suffix != ".gguf":
-            raise ConfigError(f"model.id: {model_id} is a file; expected a model folder or a .gguf file")
-    elif model_id.startswith((".", "/", "~")) or model_id.endswith(".gguf"):
-        raise ConfigError(f"model.id: {model_id} does not exist; give a model folder, a .gguf file or a hub id")
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -83,9 +59,10 @@ def check_run_config(config: RunConfig, output_dir: Path | None = None) -> None:
     train_is_file = Path(data.train).expanduser().is_file()
     for role, source in (("validation", data.validation), ("test", data.test)):
         # With a hub dataset for train, validation/test may name its splits ("test").
-        if source and (train_is_file or _looks_like_path(source) or Path(source).expanduser().exists()):
+        if source and (train_is_file or looks_like_data_path(source) or Path(source).expanduser().exists()):
             if not Path(source).expanduser().exists():
                 raise ConfigError(f"data.{role}: {source}: no such file; check the path")
             check_data_file(role, source)
-    check_model_path(config.model.id)
+    model_source(config.model.id)
+    check_parallel_config(config)
     check_output_dir(Path(output_dir or config.train.output_dir))

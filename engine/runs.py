@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 import tomli_w
 
-from engine.config import ConfigError, RunConfig, build_config, config_to_dict, read_preset_file
+from engine.config import ConfigError, RunConfig, build_config, config_to_dict, parse_override, read_preset_file
 from engine.events import Event, event_from_dict
 
 CONFIG_FILE = "config.toml"
@@ -261,9 +261,9 @@ class EventFollower:
     being written waits for the next poll.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, offset: int = 0) -> None:
         self.path = run_dir / EVENTS_FILE
-        self._offset = 0
+        self._offset = offset  # where to start reading: 0, or the size the file had before a new session
         self._partial = b""
 
     def poll(self) -> list[Event]:
@@ -297,6 +297,32 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> RunCon
     return build_config(read_preset_file(path), overrides)
 
 
+RESUME_OVERRIDABLE = (
+    "train.epochs",
+    "train.max_steps",
+    "train.eval_steps",
+    "train.eval_batch_size",
+    "train.logging_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+)
+"""Keys `--resume` may change: how long to go on, how often to evaluate, log and save. Anything else
+(model, data, strategy, batch size, lr, seed) would not match the checkpoint's weights, optimizer or data order."""
+
+
+def override_resumed_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """Check that a stopped run may be resumed with `overrides`, and record them in its config.toml (atomically)."""
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key not in RESUME_OVERRIDABLE:
+            allowed = ", ".join(RESUME_OVERRIDABLE)
+            raise ConfigError(f"--resume cannot change {key} (it must match the checkpoint); it can change: {allowed}")
+    check_resumable(run_dir)
+    config = load_run_config(run_dir, overrides)
+    write_atomic(run_dir / CONFIG_FILE, tomli_w.dumps(config_to_dict(config)))
+    return config
+
+
 def check_resumable(run_dir: Path) -> RunConfig:
     """The config of a run that `--resume` may continue, or a one-line ConfigError saying why not."""
     run_dir = Path(run_dir)
@@ -306,8 +332,10 @@ def check_resumable(run_dir: Path) -> RunConfig:
     summary = read_summary(run_dir) or {}
     if summary.get("status") == "finished":
         raise ConfigError(f"{run_dir}: the run already finished; nothing to resume (start a new run instead)")
+    from engine.distributed import owns_pid_file
+
     pid = live_pid(run_dir)
-    if pid is not None and pid != os.getpid():
+    if pid is not None and pid != os.getpid() and owns_pid_file():  # a worker's pid file names its launcher
         raise ConfigError(f"{run_dir}: the run is still running (pid {pid}); follow it with finetui attach {run_dir}")
     return config
 

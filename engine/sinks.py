@@ -242,8 +242,9 @@ class RichProgressSink:
                 resumed = ""
                 if event.resumed_from_step is not None:
                     resumed = f" [yellow](resumed from step {event.resumed_from_step})[/]"
+                processes = f" [dim]({event.processes} processes)[/]" if event.processes > 1 else ""
                 self.console.print(
-                    f"[bold]{event.name}[/]: {event.strategy} on {event.model} -> {event.run_dir}{resumed}"
+                    f"[bold]{event.name}[/]: {event.strategy} on {event.model} -> {event.run_dir}{resumed}{processes}"
                 )
             case FreezeMapReady():
                 self.console.print(freeze_map_table(event.freeze_map))

@@ -11,9 +11,9 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -34,9 +34,11 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import is_torch_tf32_available
 
+from engine import cache as cache_lib
 from engine import data as data_lib
-from engine import models
+from engine import distributed, frozen_prefix, models
 from engine.config import ConfigError, RunConfig
 from engine.events import Checkpoint, Eval, FreezeMapReady, Log, RunFailed, RunFinished, RunStarted, RunStopped, Step
 from engine.faults import (
@@ -75,6 +77,12 @@ from engine.strategies import Strategy, get_strategy
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+LOAD_REPORT = "LOAD REPORT"
+LOAD_REPORT_STATUSES = {
+    "MISSING": "new weights, initialised for this task",
+    "UNEXPECTED": "checkpoint weights this model does not use",
+    "MISMATCH": "reinitialised (shape differs from the checkpoint)",
+}
 LOGGERS_BRIDGED = ("transformers", "peft", "accelerate", "engine")
 
 
@@ -86,8 +94,19 @@ class RunResult:
     exit_code: int
 
 
-def resolve_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(setting: str = "auto", *, one_gpu: bool = True) -> str:
+    """`train.device` as "cpu" or "cuda". A training process keeps to one GPU (`one_gpu`: `cuda:N`, else the
+    first), so that the Trainer never falls back to nn.DataParallel; processes of a launch each use their
+    LOCAL_RANK's GPU."""
+    if setting == "cpu":
+        return "cpu"
+    if one_gpu:
+        distributed.pin_cuda_device(setting)
+    if torch.cuda.is_available():
+        return "cuda"
+    if setting != "auto":
+        raise ConfigError(f"train.device: {setting}, but no CUDA GPU is visible (torch {torch.__version__}); use auto")
+    return "cpu"
 
 
 def resolve_precision(precision: str, device: str) -> Literal["fp32", "bf16"]:
@@ -140,6 +159,7 @@ class EventBridge(TrainerCallback):
         self.stop_file = stop_file
         self.samples_per_step = samples_per_step
         self.stopped_at: int | None = None
+        self.last_validation: tuple[int, dict[str, float]] | None = None  # (step, metrics)
         self._started = time.monotonic()
         self._first_step = 0
         self._first_tokens = 0
@@ -154,9 +174,12 @@ class EventBridge(TrainerCallback):
         self._started = time.monotonic()
         self._first_step = state.global_step
         self._first_tokens = state.num_input_tokens_seen
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if self.stop_requested() and self.stopped_at is None:
+        # Every rank of a multi-process run stops at the same step, whichever of them saw the request.
+        if distributed.any_rank(self.stop_requested(), args.device) and self.stopped_at is None:
             self.stopped_at = state.global_step
             control.should_training_stop = True
             control.should_save = True
@@ -167,7 +190,7 @@ class EventBridge(TrainerCallback):
             control.should_evaluate = False
 
     def on_prediction_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if self.stop_requested():
+        if distributed.any_rank(self.stop_requested(), args.device):
             raise StopRequested
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -177,7 +200,7 @@ class EventBridge(TrainerCallback):
         steps_done = state.global_step - self._first_step
         rate = steps_done / elapsed if elapsed > 0 else 0.0
         remaining = state.max_steps - state.global_step
-        gpu_mb = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        cuda = torch.cuda.is_available()
         self.sink.emit(
             Step(
                 step=state.global_step,
@@ -191,7 +214,9 @@ class EventBridge(TrainerCallback):
                 elapsed_s=elapsed,
                 eta_s=remaining / rate if rate > 0 else None,
                 memory_rss_mb=self._process.memory_info().rss / 2**20,
-                gpu_memory_mb=gpu_mb,
+                gpu_memory_mb=torch.cuda.memory_allocated() / 2**20 if cuda else None,
+                gpu_reserved_mb=torch.cuda.memory_reserved() / 2**20 if cuda else None,
+                gpu_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             )
         )
 
@@ -200,6 +225,8 @@ class EventBridge(TrainerCallback):
         prefix = "test" if any(k.startswith("test_") for k in metrics) else "eval"
         split = "test" if prefix == "test" else "validation"
         values = _split_metrics(metrics, prefix, self.task)
+        if split == "validation":
+            self.last_validation = (state.global_step, values)
         self.sink.emit(Eval(step=state.global_step, epoch=float(state.epoch or 0.0), split=split, metrics=values))
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -217,7 +244,21 @@ class _LogBridge(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         level = "error" if record.levelno >= logging.ERROR else "warning"
         message = ANSI_ESCAPE.sub("", record.getMessage()).strip()
+        if LOAD_REPORT in message:
+            level, message = "info", summarise_load_report(message)
         self.sink.emit(Log(level=level, message=f"{record.name}: {message}"))
+
+
+def summarise_load_report(report: str) -> str:
+    """transformers' multi-line LOAD REPORT table as one line: which weights are new, unused or reinitialised."""
+    title = report.split("\n", 1)[0].replace(f" {LOAD_REPORT} from:", " from")
+    keys: dict[str, list[str]] = {status: [] for status in LOAD_REPORT_STATUSES}
+    for line in report.splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) > 1 and cells[1] in keys:
+            keys[cells[1]].append(cells[0])
+    parts = [f"{LOAD_REPORT_STATUSES[status]}: {', '.join(names)}" for status, names in keys.items() if names]
+    return f"{title}: " + "; ".join(parts) if parts else title
 
 
 def quiet_library_output() -> None:
@@ -235,6 +276,19 @@ def training_arguments(config: RunConfig, output_dir: Path, *, device: str, prec
     train = config.train
     per_epoch = "steps" if train.eval_steps else "epoch"
     save_per = "steps" if train.save_steps else "epoch"
+    # Across processes the Trainer scales each rank's loss by the process count, right for losses that divide by
+    # the global token count (causal LMs), twice too large for classifiers, whose loss is a per-batch mean.
+    parallel: dict[str, Any] = {"average_tokens_across_devices": config.model.task == "causal"}
+    if distributed.world_size() > 1 and device == "cpu":
+        parallel["ddp_backend"] = "gloo"
+    if train.fsdp:  # FSDP2 through fsdp_config (the option string is deprecated in transformers 5)
+        words = train.fsdp.split()
+        sharded = {"reshard_after_forward": "shard_grad_op" not in words, "cpu_offload": "offload" in words}
+        parallel.update(fsdp=True, fsdp_config=sharded)
+    if train.deepspeed:
+        parallel["deepspeed"] = train.deepspeed
+    if train.optim != "auto":
+        parallel["optim"] = _optimizer_name(train.optim, device)
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=train.batch_size,
@@ -253,7 +307,7 @@ def training_arguments(config: RunConfig, output_dir: Path, *, device: str, prec
         eval_steps=train.eval_steps,
         save_strategy=save_per,
         save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
+        save_total_limit=train.save_total_limit or None,
         logging_strategy="steps",
         logging_steps=train.logging_steps,
         report_to="none",
@@ -266,7 +320,23 @@ def training_arguments(config: RunConfig, output_dir: Path, *, device: str, prec
         train_sampling_strategy="group_by_length",
         remove_unused_columns=False,
         dataloader_pin_memory=device == "cuda",
+        # GPU: collate in worker processes while the GPU computes; CPU: every core computes, collation is cheap.
+        dataloader_num_workers=min(4, distributed.threads_per_process() // 2) if device == "cuda" else 0,
+        tf32=True if device == "cuda" and is_torch_tf32_available() else None,  # Ampere+: fp32 matmuls on tensor cores
+        **parallel,
     )
+
+
+def _optimizer_name(name: str, device: str) -> str:
+    """`train.optim` checked against the Trainer's optimizer names (bitsandbytes' 8-bit and paged ones need CUDA)."""
+    from transformers.training_args import OptimizerNames
+
+    known = {option.value for option in OptimizerNames}
+    if name not in known:
+        raise ConfigError(f"train.optim: unknown optimizer {name!r}; e.g. auto, adamw_torch, paged_adamw_8bit")
+    if device != "cuda" and ("8bit" in name or name.startswith("paged_")):
+        raise ConfigError(f"train.optim: {name} needs a CUDA GPU (bitsandbytes); use auto on a CPU")
+    return name
 
 
 def _load_for_strategy(
@@ -277,6 +347,7 @@ def _load_for_strategy(
     label_names: list[str] | None,
     device: str,
     precision: str,
+    device_map: str | None = None,
 ) -> torch.nn.Module:
     """Load the model the way the strategy needs it (4-bit for QLoRA, bf16 frozen base for adapters on GPUs)."""
     on_cuda = device == "cuda"
@@ -287,6 +358,7 @@ def _load_for_strategy(
         label_names=label_names,
         quantization_config=strategy.quantization_config(on_cuda=on_cuda),
         dtype=dtype,
+        device_map=device_map,
     )
 
 
@@ -305,13 +377,28 @@ def _train_feature(
     """
     batch_size = config.train.eval_batch_size or 2 * config.train.batch_size
     started = time.monotonic()
+    model_key = cache_lib.model_fingerprint(config.model)
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        check_stop()  # once per batch: a stop requested while embedding a large split is noticed at once
+        return prepared.collator(rows)
+
     features = {}
     for split, dataset in (("train", prepared.train), ("validation", prepared.validation), ("test", prepared.test)):
         if dataset is None:
             continue
         check_stop()
         sink.emit(Log(level="info", message=f"embedding {split} ({len(dataset)} examples)"))
-        x = strategy.embed(model, dataset, prepared.collator, batch_size=batch_size, pooling=config.strategy.pooling)
+        x, hit = strategy.embed_cached(
+            model,
+            dataset,
+            collate,
+            batch_size=batch_size,
+            pooling=config.strategy.pooling,
+            model_key=model_key,
+        )
+        if hit:
+            sink.emit(Log(level="info", message=f"{split} embeddings from the cache ({cache_lib.FEATURES}/)"))
         features[split] = (x, np.asarray(dataset["labels"]))
     check_stop()
     sink.emit(Log(level="info", message=f"fitting logistic regression on {features['train'][0].shape} features"))
@@ -373,6 +460,13 @@ class FinetuiTrainer(Trainer):
         if type(sampler) is LengthGroupedSampler:
             return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self._data_seed)
         return sampler
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        if "attention_mask" in inputs or "position_ids" not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        # Packed batches (`data.packing`) have no padding and no attention mask: every token is real.
+        tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):  # type: ignore[no-untyped-def]
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -466,25 +560,40 @@ def _build_trainer(
     return trainer, bridge
 
 
-def _final_metrics(trainer: Trainer, prepared: data_lib.PreparedData, task: str) -> dict[str, dict[str, float]]:
-    metrics = {
-        "validation": _split_metrics(trainer.evaluate(prepared.validation, metric_key_prefix="eval"), "eval", task)
-    }
+def _final_metrics(
+    trainer: Trainer, bridge: EventBridge, prepared: data_lib.PreparedData, task: str
+) -> dict[str, dict[str, float]]:
+    """Validation (reusing an evaluation of the final weights made during training) and test metrics."""
+    step = trainer.state.global_step
+    if bridge.last_validation is not None and bridge.last_validation[0] == step:
+        validation = bridge.last_validation[1]
+    else:
+        validation = _split_metrics(trainer.evaluate(prepared.validation, metric_key_prefix="eval"), "eval", task)
+    metrics = {"validation": validation}
     if prepared.test is not None:
         metrics["test"] = _split_metrics(trainer.evaluate(prepared.test, metric_key_prefix="test"), "test", task)
     return metrics
 
 
 def _save_final(run_dir: Path, write: Any) -> Path:
-    """Write the final model folder beside the run (`.model.staging`), then rename it to `model/`."""
+    """Write the final model folder beside the run (`.model.staging`), then rename it to `model/`.
+
+    In a multi-process run every rank calls `write` (FSDP and DeepSpeed gather the weights together), rank 0
+    stages and renames.
+    """
     model_dir = run_dir / MODEL_DIR
     staging = run_dir / f".{MODEL_DIR}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    main = distributed.is_main()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    distributed.barrier()
     write(staging)
-    (staging / TRAINING_ARGS_NAME).unlink(missing_ok=True)
-    fsync_tree(staging)
-    replace_dir(staging, model_dir)
+    distributed.barrier()
+    if main:
+        (staging / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        fsync_tree(staging)
+        replace_dir(staging, model_dir)
     return model_dir
 
 
@@ -518,7 +627,12 @@ def run_training(
     output directory that cannot be written or is itself a run directory. Every later problem is recorded in
     the run directory (status `failed`) and returned.
     """
-    config, run_dir = prepare_run_dir(config, output_dir)
+    if distributed.world_size() > 1:  # a torchrun / accelerate launch started by hand
+        config, run_dir = distributed.prepare_shared_run_dir(config, output_dir)
+    else:
+        config, run_dir = prepare_run_dir(config, output_dir)
+    if distributed.needs_launch(config):
+        return distributed.run_launched(run_dir, config.train.nproc, sink, stop_event=stop_event)
     return _execute(config, run_dir, sink, stop_event=stop_event, resume=False, signal_stop=signal_stop)
 
 
@@ -536,6 +650,8 @@ def resume_training(
     quiet_library_output()
     run_dir = Path(run_dir)
     config = check_resumable(run_dir)
+    if distributed.needs_launch(config):
+        return distributed.run_launched(run_dir, config.train.nproc, sink, stop_event=stop_event)
     return _execute(config, run_dir, sink, stop_event=stop_event, resume=True, signal_stop=signal_stop)
 
 
@@ -565,6 +681,7 @@ class _Session:
     model: torch.nn.Module | None = None
     trainer: FinetuiTrainer | None = None
     in_training: bool = False
+    main: bool = True  # rank 0 (or the only process): the one that writes the run directory
 
     def step(self) -> int | None:
         return self.trainer.state.global_step if self.trainer is not None else None
@@ -579,9 +696,12 @@ def _execute(
     resume: bool,
     signal_stop: bool = False,
 ) -> RunResult:
-    clean_partial_writes(run_dir)
+    main = distributed.is_main()
+    if main:
+        clean_partial_writes(run_dir)
     stop_file = run_dir / STOP_FILE
-    stop_file.unlink(missing_ok=True)  # a request meant for an earlier session
+    if distributed.owns_pid_file():
+        stop_file.unlink(missing_ok=True)  # a request meant for an earlier session (a launcher clears it itself)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     resumed_from: int | None = None
     if checkpoint is not None:
@@ -589,12 +709,13 @@ def _execute(
     elif resume and _was_started(run_dir):
         resumed_from = 0
     previous = (read_summary(run_dir) or {}) if resume else {}
-    file_sink = JsonlFileSink(run_dir / EVENTS_FILE)
-    events = FanoutSink(file_sink, sink)
+    file_sink = JsonlFileSink(run_dir / EVENTS_FILE) if main else None
+    events = FanoutSink(file_sink, sink) if file_sink is not None else FanoutSink()  # ranks > 0 tell nothing
     log_bridge = _LogBridge(events)
     for name in LOGGERS_BRIDGED:
         logging.getLogger(name).addHandler(log_bridge)
-    write_pid(run_dir, signals=signal_stop)
+    if distributed.owns_pid_file():
+        write_pid(run_dir, signals=signal_stop)
     task = config.model.task
     summary: dict[str, Any] = {
         "status": "running",
@@ -604,17 +725,20 @@ def _execute(
         "task": task,
         "strategy": config.strategy.kind,
         "started_at": previous.get("started_at", time.time()),
+        "processes": distributed.world_size(),
     }
     if resumed_from is not None:
         summary.update(resumed_from_step=resumed_from, resumes=int(previous.get("resumes", 0)) + 1)
-    session = _Session()
+    session = _Session(main=main)
 
     def check_stop() -> None:
-        if (stop_event is not None and stop_event.is_set()) or stop_file.exists():
+        # Before training, rank 0 alone decides (it exits and torchrun ends the others); in training all agree.
+        if main and ((stop_event is not None and stop_event.is_set()) or stop_file.exists()):
             raise StopRequested
 
     try:
-        write_summary(run_dir, summary)
+        if main:
+            write_summary(run_dir, summary)
         events.emit(
             RunStarted(
                 run_dir=str(run_dir),
@@ -624,6 +748,7 @@ def _execute(
                 task=task,
                 config=config.model_dump(mode="json"),
                 resumed_from_step=resumed_from,
+                processes=distributed.world_size(),
             )
         )
         if checkpoint is not None:
@@ -631,12 +756,16 @@ def _execute(
         elif resumed_from == 0:
             events.emit(Log(level="warning", message="no complete checkpoint yet: training restarts from step 0"))
         torch.manual_seed(config.train.seed)
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
-        device = session.device = resolve_device()
+        torch.set_num_threads(distributed.threads_per_process())
+        device = session.device = resolve_device(config.train.device)
         precision = session.precision = resolve_precision(config.train.precision, device)
         if device == "cpu" and precision == "bf16":
             events.emit(
                 Log(level="warning", message="bf16 on a CPU is often far slower than fp32 (train.precision=auto)")
+            )
+        if device == "cpu" and (config.train.fsdp or config.train.deepspeed):
+            events.emit(
+                Log(level="warning", message="FSDP and DeepSpeed need GPUs: on CPUs accelerate trains with plain DDP")
             )
         if config.model.trust_remote_code:
             events.emit(
@@ -647,7 +776,11 @@ def _execute(
         check_stop()
         events.emit(Log(level="info", message=f"loading tokenizer and data (device {device}, {precision})"))
         tokenizer = models.load_tokenizer(config.model)
-        prepared = data_lib.prepare_data(config.data, task=task, tokenizer=tokenizer, seed=config.train.seed)
+        prepared = data_lib.prepare_data(
+            config.data, task=task, tokenizer=tokenizer, seed=config.train.seed, cache=True
+        )
+        if prepared.from_cache:
+            events.emit(Log(level="info", message=f"tokenised data from the cache ({cache_lib.TOKENISED}/)"))
         for warning in prepared.warnings:
             events.emit(Log(level="warning", message=warning))
         check_stop()
@@ -662,11 +795,15 @@ def _execute(
             precision=precision,
         )
         model = session.model = strategy.prepare(model)
+        if config.data.packing:
+            data_lib.check_packing(getattr(model.config, "model_type", ""))
         freeze_map = compute_freeze_map(
             model,
             batch_size=config.train.batch_size,
             seq_len=config.data.max_length,
             gradient_checkpointing=config.train.gradient_checkpointing,
+            processes=distributed.world_size(),
+            sharding=distributed.sharding(config),
         )
         events.emit(FreezeMapReady(freeze_map=freeze_map.to_dict()))
         summary.update(
@@ -681,6 +818,17 @@ def _execute(
         )
         check_stop()
         if strategy.trains_with_trainer:
+            if config.train.cache_frozen and config.strategy.kind in ("head", "last_layers", "custom"):
+                prepared = frozen_prefix.cache_frozen_prefix(
+                    model,
+                    prepared,
+                    events,
+                    task=task,
+                    device=device,
+                    precision=precision,
+                    batch_size=config.train.eval_batch_size or 2 * config.train.batch_size,
+                    check_stop=check_stop,
+                )
             trainer, bridge = _build_trainer(
                 config, model, prepared, events, run_dir, device=device, precision=precision, stop_event=stop_event
             )
@@ -709,11 +857,12 @@ def _execute(
             last = latest_checkpoint(run_dir)
             if last is None or checkpoint_step(last) != trainer.state.global_step:
                 trainer._save_checkpoint(trainer.model, trial=None)  # evaluation and saving can resume from here
-            metrics = _final_metrics(trainer, prepared, task)
+            metrics = _final_metrics(trainer, bridge, prepared, task)
 
             def write_model(folder: Path) -> None:
                 trainer.save_model(str(folder))
-                tokenizer.save_pretrained(str(folder))
+                if main:
+                    tokenizer.save_pretrained(str(folder))
 
         else:
             staged_classifier: dict[str, Any] = {}
@@ -735,7 +884,8 @@ def _execute(
             model_dir=str(model_dir),
             finished_at=time.time(),
         )
-        write_summary(run_dir, summary)
+        if main:
+            write_summary(run_dir, summary)
         events.emit(RunFinished(summary=summary))
         return RunResult("finished", run_dir, summary, EXIT_OK)
     except StopRequested:
@@ -745,8 +895,9 @@ def _execute(
     finally:
         for name in LOGGERS_BRIDGED:
             logging.getLogger(name).removeHandler(log_bridge)
-        file_sink.close()
-        stop_file.unlink(missing_ok=True)
+        if file_sink is not None:
+            file_sink.close()
+            stop_file.unlink(missing_ok=True)
         remove_pid(run_dir)
 
 
@@ -761,7 +912,8 @@ def _stopped(run_dir: Path, summary: dict[str, Any], events: EventSink, session:
     summary.update(status="stopped", finished_at=time.time())
     if trainer is not None:
         summary.update(steps=step, epochs=float(trainer.state.epoch or 0.0))
-    write_summary(run_dir, summary)
+    if session.main:
+        write_summary(run_dir, summary)
     events.emit(RunStopped(step=step, checkpoint=str(last) if last is not None else None))
     return RunResult("stopped", run_dir, summary, EXIT_STOPPED)
 
@@ -786,11 +938,14 @@ def _failed(
     else:
         reason, message = "error", f"{type(exc).__name__}: {exc}"
     message = " ".join(message.split())  # one line, whatever the exception text held
-    with contextlib.suppress(OSError):  # a full disk must not hide the failure itself
-        (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
     summary.update(status="failed", error=message, reason=reason, finished_at=time.time())
     if step is not None:
         summary["steps"] = step
+    if not session.main:  # rank > 0: its error goes to run.log; rank 0 records the run's end
+        sys.stderr.write(f"rank {distributed.rank()}: {message}\n{traceback.format_exc()}")
+        return RunResult("failed", run_dir, summary, EXIT_BAD_INPUT if user_error else EXIT_FAILED)
+    with contextlib.suppress(OSError):  # a full disk must not hide the failure itself
+        (run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
     with contextlib.suppress(OSError):
         write_summary(run_dir, summary)
     events.emit(RunFailed(error=message, user_error=user_error, step=step, reason=reason, checkpoint=kept))
@@ -809,8 +964,10 @@ def evaluate_run(run_dir: Path, data_source: str, overrides: list[str] | None = 
     task = config.model.task
     strategy = get_strategy(config.strategy, task)
     label_names = summary.get("label_names")
-    device = resolve_device()
+    device = resolve_device("cpu" if config.train.device == "cpu" else "auto", one_gpu=False)
     precision = resolve_precision(config.train.precision, device)
+    # Inference may use every GPU: "sequential" fills the first and spills onto the next only what does not fit.
+    device_map = "sequential" if device == "cuda" and torch.cuda.device_count() > 1 else None
     tokenizer = models.load_tokenizer(config.model)
     dataset, collator = data_lib.prepare_eval_split(
         config.data,
@@ -827,6 +984,7 @@ def evaluate_run(run_dir: Path, data_source: str, overrides: list[str] | None = 
         label_names=label_names,
         device=device,
         precision=precision,
+        device_map=device_map,
     )
     batch_size = config.train.eval_batch_size or 2 * config.train.batch_size
     if not strategy.trains_with_trainer:
@@ -845,6 +1003,7 @@ def evaluate_run(run_dir: Path, data_source: str, overrides: list[str] | None = 
             config.model.model_copy(update={"id": str(model_dir)}),
             num_labels=summary.get("num_labels") if task == "classification" else None,
             label_names=label_names,
+            device_map=device_map,
         )
     classification = task == "classification"
     with tempfile.TemporaryDirectory(prefix="finetui-eval-") as scratch:

@@ -13,30 +13,17 @@ from typing import ClassVar
 from torch import nn
 from transformers import PreTrainedModel
 
-from engine.architecture import find_blocks, unwrap
-from engine.freeze_map import _embedding_names, _group_of, _head_names
+from engine.freeze_map import parameter_groups
 from engine.strategies.base import Strategy, StrategyError
 
 _LISTED_IN_ERRORS = 8
-
-
-def parameter_groups(model: nn.Module) -> dict[str, str]:
-    """Freeze-map group of every parameter, keyed by its name in `model.named_parameters()` (tied weights once)."""
-    base = unwrap(model)
-    try:
-        blocks_name, _ = find_blocks(base)
-    except ValueError:
-        blocks_name = ""
-    heads = _head_names(base)
-    embeddings = _embedding_names(base, blocks_name)
-    return {name: _group_of(name, heads, embeddings, blocks_name)[0] for name, _ in base.named_parameters()}
 
 
 class CustomStrategy(Strategy):
     kind: ClassVar[str] = "custom"
 
     def prepare(self, model: PreTrainedModel) -> nn.Module:
-        groups = parameter_groups(model)
+        groups = {name: group for name, (group, _kind) in parameter_groups(model).items()}
         wanted = set(self.config.trainable)
         known = list(dict.fromkeys(groups.values()))
         unknown = [name for name in self.config.trainable if name not in known]

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from engine import cache as cache_lib
 from engine.architecture import unwrap
 from engine.strategies.base import Strategy
 
@@ -82,6 +83,32 @@ class FeatureStrategy(Strategy):
         embeddings = np.empty_like(sorted_embeddings)
         embeddings[order] = sorted_embeddings
         return embeddings
+
+    @staticmethod
+    def embed_cached(
+        model: nn.Module,
+        dataset: Dataset,
+        collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+        *,
+        batch_size: int,
+        pooling: str,
+        model_key: str,
+    ) -> tuple[np.ndarray, bool]:
+        """`embed`, through the on-disk cache keyed by the model (`model_key`), the token ids and the pooling.
+
+        Returns the embeddings and whether they came from the cache (then the model did not run).
+        """
+        base = unwrap(model)
+        resolved = FeatureStrategy.resolve_pooling(base, pooling)
+        dtype = str(next(base.parameters()).dtype)
+        token_ids = cache_lib.token_ids_digest(dataset["input_ids"])
+        path = cache_lib.features_path(cache_lib.digest("features", model_key, resolved, dtype, token_ids))
+        cached = cache_lib.load_array(path)
+        if cached is not None and cached.shape[0] == len(dataset):
+            return cached, True
+        embeddings = FeatureStrategy.embed(model, dataset, collator, batch_size=batch_size, pooling=resolved)
+        cache_lib.save_array(path, embeddings)
+        return embeddings, False
 
     @staticmethod
     def fit_classifier(train_x: np.ndarray, train_y: np.ndarray, c: float, seed: int) -> LogisticRegression:

@@ -144,7 +144,7 @@ def _cases(work: Path) -> dict[str, Case]:
         "resume_not_a_run": Case(["run", "--resume", str(work)], "not a finetui run directory"),
         "resume_with_overrides": Case(
             ["run", "--resume", str(f["finished_run"]), "--set", "train.lr=1"],
-            "--resume continues a run with the config.toml in its directory; drop --set",
+            "--resume cannot change train.lr (it must match the checkpoint)",
         ),
         "attach_not_a_run": Case(["attach", str(work)], "not a finetui run directory"),
         # found when the model's config is read: no run directory either

@@ -24,6 +24,7 @@ from engine.config import build_config
 from engine.events import Log, RunFailed, RunStarted, Step
 from engine.runs import (
     EventFollower,
+    checkpoint_step,
     complete_checkpoints,
     latest_checkpoint,
     list_runs,
@@ -150,6 +151,38 @@ def test_stopped_run_resumes_to_the_metrics_of_an_uninterrupted_run(
     assert (first.run_dir / "model" / "model.safetensors").is_file()
     assert not (first.run_dir / "model" / "training_args.bin").exists()
     assert not (first.run_dir / "pid").exists()
+
+
+def test_resume_may_extend_a_run_and_change_saving_but_not_what_the_checkpoint_depends_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.cli import main
+
+    stop = threading.Event()
+
+    class StopAtStep6(ListSink):
+        def emit(self, event):  # type: ignore[no-untyped-def]
+            super().emit(event)
+            if isinstance(event, Step) and event.step >= 6:
+                stop.set()
+
+    first = run_training(config_for("full", tmp_path, epochs=1), StopAtStep6(), stop_event=stop)
+    assert first.status == "stopped"
+    config_text = (first.run_dir / "config.toml").read_text()
+
+    assert main(["run", "--resume", str(first.run_dir), "--set", "train.lr=0.1"]) == 2
+    assert "--resume cannot change train.lr" in capsys.readouterr().err
+    assert (first.run_dir / "config.toml").read_text() == config_text
+
+    extend = ["--set", "train.epochs=2", "--set", "train.save_total_limit=0"]
+    code = main(["run", "--resume", str(first.run_dir), "--json", *extend])
+    assert code == 0, capsys.readouterr().err
+    summary = read_summary(first.run_dir)
+    assert (summary["status"], summary["steps"]) == ("finished", STEPS)
+    kept = [checkpoint_step(c) for c in complete_checkpoints(first.run_dir)]
+    assert kept == [6, 7, *range(8, STEPS + 1, 2)]  # the 2 kept at the stop (limit 2), then every one (limit 0)
+    resumed_config = (first.run_dir / "config.toml").read_text()
+    assert "epochs = 2" in resumed_config and "save_total_limit = 0" in resumed_config
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import build_config
-from engine.events import Checkpoint, Eval, FreezeMapReady, RunFinished, RunStarted, Step, event_from_dict
+from engine.events import Checkpoint, Eval, FreezeMapReady, Log, RunFinished, RunStarted, Step, event_from_dict
 from engine.runs import read_events, read_summary
 from engine.sinks import ListSink
 from engine.trainer import evaluate_run, run_training
@@ -100,6 +100,19 @@ def test_full_fine_tuning_learns_the_training_set(tmp_path: Path) -> None:
     assert steps[-1].loss < 0.5 * steps[0].loss
     assert steps[-1].samples_per_second > 0 and steps[-1].tokens_per_second > 0
     assert steps[-1].eta_s is not None and steps[-1].max_steps == 160
+    # The last epoch's evaluation is the final one: the validation set is not scored twice.
+    assert [(e.step, e.split) for e in sink.of_type(Eval)] == [
+        (s, "validation") for s in (20, 40, 60, 80, 100, 120, 140, 160)
+    ] + [(160, "test")]
+    # transformers' multi-line LOAD REPORT reaches the log as one line naming the new head.
+    (report,) = [
+        log.message for log in sink.of_type(Log) if "LOAD REPORT" in log.message or "new weights" in log.message
+    ]
+    assert (
+        "BertForSequenceClassification from" in report
+        and "new weights, initialised for this task: classifier." in report
+    )
+    assert "\n" not in report and result.summary["validation"] == sink.of_type(Eval)[-2].metrics
 
 
 def test_feature_strategy_fits_a_classifier_and_rescores(tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 The app owns the state the screens share: the current setup (a raw preset dict, validated with the engine's
 pydantic models) and the live run, which trains in a thread worker (`engine.trainer.run_training`) with a sink
-that posts coalesced messages (`tui.sink`). Torch, transformers and datasets are imported only inside
-workers, so the first screen paints before any of them loads.
+that posts coalesced messages (`tui.sink`). A detached run trains in its own process session
+(`engine.detach.start_detached`) and outlives the app; a thread worker follows its events.jsonl
+(`engine.detach.follow_run`) into the same sink, so the training screen shows it the same way. Torch,
+transformers and datasets are imported only inside workers, so the first screen paints before any of them loads.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.message import Message
-from textual.reactive import reactive
+from textual.reactive import var
 from textual.screen import Screen
 from textual.signal import Signal
 from textual.worker import Worker, WorkerState
@@ -37,7 +39,7 @@ from tui.screens.dialogs import ConfirmScreen, PresetPickerScreen, SavePresetScr
 from tui.screens.setup import SetupScreen
 from tui.sink import EngineEvents, MessageSink
 
-BANNER_INTERVAL_S = 0.5
+BANNER_INTERVAL_S = 1.0
 HEAVY_MODULES = ("torch", "transformers", "peft", "datasets")
 
 
@@ -47,11 +49,19 @@ def _screen(module: str, name: str) -> Screen:
 
 
 class RunEnded(Message):
-    """`run_training` returned (the sink has already delivered the run's last event)."""
+    """The run's worker is done (the sink has already delivered the run's last event)."""
 
-    def __init__(self, run_id: int, status: str) -> None:
+    def __init__(self, run_id: int) -> None:
         super().__init__()
-        self.run_id, self.status = run_id, status
+        self.run_id = run_id
+
+
+class RunDetached(Message):
+    """A detached run's process started, training `run_dir`."""
+
+    def __init__(self, run_id: int, run_dir: Path) -> None:
+        super().__init__()
+        self.run_id, self.run_dir = run_id, run_dir
 
 
 class FinetuiApp(App[None]):
@@ -71,12 +81,13 @@ class FinetuiApp(App[None]):
         Binding("f4", "switch_mode('runs')", "Runs", show=False),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("ctrl+r", "start_run", "Start"),
+        Binding("ctrl+t", "start_detached", "Background"),
         Binding("ctrl+o", "load_preset", "Load"),
         Binding("ctrl+s", "save_preset", "Save"),
         Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
     ]
 
-    run_banner: reactive[str] = reactive("")
+    run_banner: var[str] = var("")  # shown by the mode bars; a `reactive` would repaint the whole app on each change
 
     def __init__(
         self,
@@ -99,6 +110,11 @@ class FinetuiApp(App[None]):
         self.events_signal: Signal[list[Any]] = Signal(self, "events")
         self._run_id = 0
         self._stop_event: threading.Event | None = None
+        self._leave_event: threading.Event | None = None
+        self.detached = False
+        """The current run trains in a process of its own (started detached, or attached from the runs screen)."""
+        self.stopping: set[Path] = set()
+        """Runs of other processes this app asked to stop (resolved run directories)."""
         self._quit_after_run = False
         self._banner_dirty = False
         self.first_paint: tuple[float, list[str]] | None = None
@@ -125,8 +141,11 @@ class FinetuiApp(App[None]):
         load_engine()
 
     def on_unmount(self) -> None:
-        """The app is closing: an active run stops at its next step (the worker thread cannot be killed)."""
-        if self._stop_event is not None:
+        """The app is closing: an active run of its own stops at its next step (the worker thread cannot be
+        killed); a detached run goes on, only following it ends."""
+        if self.detached and self._leave_event is not None:
+            self._leave_event.set()
+        elif self._stop_event is not None:
             self._stop_event.set()
 
     def _refresh_banner(self) -> None:
@@ -204,6 +223,13 @@ class FinetuiApp(App[None]):
         return self.history is not None and self.history.active
 
     def action_start_run(self) -> None:
+        self._start_new(detached=False)
+
+    def action_start_detached(self) -> None:
+        """Start the setup in its own process session: it survives closing the app (`finetui run --detach`)."""
+        self._start_new(detached=True)
+
+    def _start_new(self, *, detached: bool) -> None:
         if self.run_active:
             self.notify("a run is already active (F3 shows it)", severity="warning")
             self.switch_mode("train")
@@ -214,16 +240,26 @@ class FinetuiApp(App[None]):
             self.switch_mode("setup")
             return
         config = build_config(self.setup_data)
+        history = RunHistory(name=config.name, model=config.model.id, strategy=config.strategy.kind, status="starting")
+        sink = self._begin(history, detached=detached)
+        assert self._stop_event is not None and self._leave_event is not None
+        if detached:
+            self._run_detached(config, sink, self._stop_event, self._leave_event, self._run_id)
+        else:
+            self._train(config, sink, self._stop_event, self._run_id)
+
+    def _begin(self, history: RunHistory, *, detached: bool) -> MessageSink:
+        """`history` becomes the app's run, shown on the training screen; returns the sink for its events."""
         self._run_id += 1
         self._stop_event = threading.Event()
+        self._leave_event = threading.Event()
+        self.detached = detached
         self._quit_after_run = False
-        self.history = RunHistory(
-            name=config.name, model=config.model.id, strategy=config.strategy.kind, status="starting"
-        )
+        self.history = history
         self._set_banner()
         self.switch_mode("train")
-        self.run_signal.publish(self.history)
-        self._train(config, MessageSink(self, self._run_id), self._stop_event, self._run_id)
+        self.run_signal.publish(history)
+        return MessageSink(self, self._run_id)
 
     def resume_run(self, run_dir: Path) -> None:
         """Continue a stopped, failed or interrupted run in its own directory (`engine.trainer.resume_training`)."""
@@ -241,30 +277,91 @@ class FinetuiApp(App[None]):
         for event in read_events(run_dir):  # the curves so far; the resumed run appends to them
             history.apply(event)
         history.status, history.error, history.ended_at = "starting", None, None
-        self._run_id += 1
-        self._stop_event = threading.Event()
-        self._quit_after_run = False
-        self.history = history
-        self._set_banner()
-        self.switch_mode("train")
-        self.run_signal.publish(history)
-        self._resume(run_dir, MessageSink(self, self._run_id), self._stop_event, self._run_id)
+        sink = self._begin(history, detached=False)
+        assert self._stop_event is not None
+        self._resume(run_dir, sink, self._stop_event, self._run_id)
+
+    def attach_run(self, run_dir: Path) -> None:
+        """Follow a run that another process trains (a detached run, `finetui run` in a shell) on the training
+        screen, as `finetui attach` does: stop asks it to stop, quitting the app leaves it running."""
+        from engine.events import RunStarted
+        from engine.runs import live_pid, read_events
+
+        if self._is_current(run_dir):
+            self.switch_mode("train")
+            return
+        if self.run_active:
+            self.notify("a run is already active (F3 shows it)", severity="warning")
+            return
+        if live_pid(run_dir) is None:
+            self.notify(f"{run_dir.name} is not running (enter opens it)", severity="warning")
+            return
+        history = RunHistory(run_dir=str(run_dir))
+        events = read_events(run_dir)
+        starts = [index for index, event in enumerate(events) if isinstance(event, RunStarted)]
+        for event in events[: starts[-1] if starts else 0]:  # earlier sessions; following replays the last one
+            history.apply(event)
+        history.status, history.error, history.ended_at = "starting", None, None
+        sink = self._begin(history, detached=True)
+        assert self._stop_event is not None and self._leave_event is not None
+        self._follow_attached(run_dir, sink, self._stop_event, self._leave_event, self._run_id)
+
+    def _is_current(self, run_dir: Path) -> bool:
+        """Whether `run_dir` is the app's active run."""
+        history = self.history
+        return (
+            self.run_active
+            and history is not None
+            and history.run_dir is not None
+            and (Path(history.run_dir).resolve() == run_dir.resolve())
+        )
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="run", name="training")
     def _resume(self, run_dir: Path, sink: MessageSink, stop_event: threading.Event, run_id: int) -> None:
         load_engine()
         from engine.trainer import resume_training
 
-        result = resume_training(run_dir, sink, stop_event=stop_event)
-        self.post_message(RunEnded(run_id, result.status))
+        resume_training(run_dir, sink, stop_event=stop_event)
+        self.post_message(RunEnded(run_id))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="run", name="training")
     def _train(self, config: Any, sink: MessageSink, stop_event: threading.Event, run_id: int) -> None:
         load_engine()
         from engine.trainer import run_training
 
-        result = run_training(config, sink, stop_event=stop_event)
-        self.post_message(RunEnded(run_id, result.status))
+        run_training(config, sink, stop_event=stop_event)
+        self.post_message(RunEnded(run_id))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="run", name="background run")
+    def _run_detached(
+        self, config: Any, sink: MessageSink, stop_event: threading.Event, leave: threading.Event, run_id: int
+    ) -> None:
+        load_engine()  # preparing the run directory resolves the task, with transformers
+        from engine.detach import start_detached
+
+        run_dir = start_detached(config)
+        self.post_message(RunDetached(run_id, run_dir))
+        self._follow(run_dir, sink, stop_event, leave, run_id)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="run", name="attached run")
+    def _follow_attached(
+        self, run_dir: Path, sink: MessageSink, stop_event: threading.Event, leave: threading.Event, run_id: int
+    ) -> None:
+        self._follow(run_dir, sink, stop_event, leave, run_id)
+
+    def _follow(
+        self, run_dir: Path, sink: MessageSink, stop_event: threading.Event, leave: threading.Event, run_id: int
+    ) -> None:
+        """Follow the run's events.jsonl into `sink` until it ends (or the app closes); stop asks it to stop."""
+        from engine.detach import follow_run
+
+        if follow_run(run_dir, sink, should_stop=stop_event.is_set, should_leave=leave.is_set) is not None:
+            self.post_message(RunEnded(run_id))
+
+    def on_run_detached(self, message: RunDetached) -> None:
+        if message.run_id == self._run_id and self.history is not None and self.history.run_dir is None:
+            self.history.run_dir = str(message.run_dir)
+            self.run_signal.publish(self.history)
 
     def on_engine_events(self, message: EngineEvents) -> None:
         events = message.sink.drain()
@@ -310,9 +407,10 @@ class FinetuiApp(App[None]):
         step = history.last_step
         progress = f" {step.step}/{step.max_steps}" if step is not None else ""
         stopping = self._stop_event is not None and self._stop_event.is_set() and history.active
+        where = " (bg)" if self.detached else ""  # a background run; short: the mode bar has ~25 columns at 80
         banner = {
-            "starting": "[b $accent]● starting[/]",
-            "running": f"[b $accent]● training{progress}[/]",
+            "starting": f"[b $accent]● starting{where}[/]",
+            "running": f"[b $accent]● training{progress}{where}[/]",
             "finished": "[b $success]✓ finished[/]",
             "stopped": "[b $warning]■ stopped[/]",
             "failed": "[b $error]✗ failed[/]",
@@ -331,6 +429,9 @@ class FinetuiApp(App[None]):
         def answer(stop: bool | None) -> None:
             if stop and self.run_active:
                 stop_event.set()
+                if self.history is not None:
+                    self.history.stop_requested = True
+                    self.run_signal.publish(self.history)
                 self._set_banner()
                 self.notify("stopping at the next step (a checkpoint is saved)")
 
@@ -339,9 +440,52 @@ class FinetuiApp(App[None]):
             answer,
         )
 
+    def stop_run_dir(self, run_dir: Path) -> None:
+        """Ask the process training `run_dir` to stop (confirm first): the app's own run, or another process's
+        (a detached run, `finetui run` in a shell: `engine.detach.request_stop`)."""
+        from engine.detach import request_stop
+        from engine.runs import live_pid
+
+        if self._is_current(run_dir):
+            self.action_stop_run()
+            return
+        resolved = run_dir.resolve()
+        if resolved in self.stopping and live_pid(run_dir) is not None:
+            self.notify(f"{run_dir.name} is stopping already")
+            return
+        pid = live_pid(run_dir)
+        if pid is None:
+            self.notify(f"{run_dir.name} is not running", severity="warning")
+            return
+
+        def answer(stop: bool | None) -> None:
+            if not stop:
+                return
+            if request_stop(run_dir):
+                self.stopping.add(resolved)
+                self.notify(f"{run_dir.name}: stopping at its next step (a checkpoint is saved)")
+            else:
+                self.notify(f"{run_dir.name} ended meanwhile")
+
+        self.push_screen(
+            ConfirmScreen(
+                f"Stop {run_dir.name} (process {pid})? It stops at its next step and saves a checkpoint.",
+                yes="Stop",
+                no="Go on",
+            ),
+            answer,
+        )
+
     async def action_quit(self) -> None:
         if not self.run_active or self._stop_event is None:
             self.exit()
+            return
+        if self.detached:
+            run_dir = self.history.run_dir if self.history is not None else None
+            if run_dir is None:
+                self.notify("the background run is starting: quit once it has its run directory", severity="warning")
+                return
+            self.exit(message=f"finetui: {run_dir} goes on in the background; follow it: finetui attach {run_dir}")
             return
         if self._quit_after_run:
             self.notify("waiting for the run to stop at its next step…")
@@ -378,6 +522,11 @@ class FinetuiApp(App[None]):
         yield SystemCommand("Training", "The live run (F3)", self._mode("train"))
         yield SystemCommand("Runs", "Earlier runs; open or compare them (F4)", self._mode("runs"))
         yield SystemCommand("Start run", "Train the current setup (ctrl+r)", self.action_start_run)
+        yield SystemCommand(
+            "Start run in the background",
+            "Train the current setup detached: the run survives closing the app (ctrl+t)",
+            self.action_start_detached,
+        )
         yield SystemCommand("Stop run", "Stop at the next step with a checkpoint", self.action_stop_run)
         yield SystemCommand("Load preset", "A bundled preset or a TOML file (ctrl+o)", self.action_load_preset)
         yield SystemCommand("Save preset", "The setup as a preset TOML (ctrl+s)", self.action_save_preset)

@@ -81,6 +81,8 @@ FIELDS: tuple[Field, ...] = (
     Field("train.warmup_ratio", "warmup ratio", "number", "Training"),
     Field("train.weight_decay", "weight decay", "number", "Training"),
     Field("train.precision", "precision", "choice", "Training"),
+    Field("train.device", "device", "text", "Training"),
+    Field("train.nproc", "processes", "number", "Training"),
     Field("train.gradient_checkpointing", "grad checkpoint", "bool", "Training"),
     Field("train.logging_steps", "log every", "number", "Training"),
     Field("train.eval_steps", "eval every", "optional_number", "Training"),

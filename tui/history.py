@@ -54,6 +54,8 @@ class RunHistory:
     started_at: float | None = None
     ended_at: float | None = None
     config: dict[str, Any] | None = None
+    stop_requested: bool = False
+    """Someone asked the run to stop; it stops at its next step."""
 
     @property
     def active(self) -> bool:
@@ -72,6 +74,7 @@ class RunHistory:
                 self.strategy, self.task, self.config = event.strategy, event.task, event.config
                 self.status, self.started_at = "running", event.time
                 self.error = self.ended_at = self.summary = None
+                self.stop_requested = False
                 if event.resumed_from_step is not None:  # steps after the checkpoint run again
                     self._truncate(event.resumed_from_step)
             case Step():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from tui.form import with_value
 from tui.presets import load_preset
 
 FIXED_TIME = 1_780_000_000.0  # 2026-05-28 20:26:40 UTC
+RUN_TIMEOUT_S = 120
 
 
 @pytest.fixture(autouse=True)
@@ -125,3 +126,34 @@ def plain(widget: Any) -> str:
     """The text a Label or Static shows, without markup."""
     visual = widget.visual
     return visual.plain if hasattr(visual, "plain") else str(visual)
+
+
+async def wait_for(pilot: Any, condition: Callable[[], bool], timeout: float = RUN_TIMEOUT_S) -> None:
+    """Let the app run until `condition()` holds (events from other threads and processes arrive asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await pilot.pause(0.05)
+
+
+def append_events(run_dir: Path, *events: Any) -> None:
+    """Append events to a run's events.jsonl, as the process training it does."""
+    with (run_dir / "events.jsonl").open("a") as handle:
+        for event in events:
+            handle.write(json.dumps(event.to_dict()) + "\n")
+
+
+def step_event(step: int, loss: float, max_steps: int = 4) -> Step:
+    return Step(
+        time=FIXED_TIME + 2 * step,
+        step=step,
+        max_steps=max_steps,
+        epoch=step / max_steps,
+        loss=loss,
+        lr=1e-4,
+        grad_norm=1.0,
+        samples_per_second=20.0,
+        tokens_per_second=500.0,
+        elapsed_s=2.0 * step,
+        eta_s=2.0 * (max_steps - step),
+    )

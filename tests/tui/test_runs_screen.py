@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from textual.widgets import DataTable
 
-from engine.events import RunFinished, Step
-from tests.tui.conftest import FIXED_TIME, make_app, screen_text, write_run
+from engine.events import RunFinished, RunStopped, Step
+from engine.runs import read_events, write_pid
+from tests.tui.conftest import FIXED_TIME, append_events, make_app, screen_text, step_event, wait_for, write_run
 from tui.screens.runs import CompareScreen, RunDetailScreen, RunsScreen
 from tui.widgets.run_view import LossChart, RunView
 
@@ -62,7 +66,7 @@ async def test_a_run_written_by_another_process_is_followed(tmp_path: Path) -> N
         await pilot.pause()
         assert history.status == "finished"
         assert "finished" in screen_text(app)
-        detail.query_one(RunView)._flush_chart()
+        detail.query_one(RunView)._flush()
         assert list(detail.query_one(LossChart).series[0].losses) == [0.9, 0.8, 0.7]
 
 
@@ -86,3 +90,48 @@ async def test_marked_runs_overlay_on_one_loss_chart(tmp_path: Path) -> None:
         assert compare.query_one("#compare-table", DataTable).row_count == 2
         await pilot.press("escape")
         assert isinstance(app.screen, RunsScreen)
+
+
+async def test_an_open_run_is_followed_live_through_its_end_and_a_resume(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path, "live", losses=[0.9, 0.8], status="running")
+    started = read_events(run_dir)[0]
+    app = make_app(runs_dir=tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await open_runs(app, pilot)
+        await pilot.press("enter")
+        await pilot.pause()
+        detail = app.screen
+        assert isinstance(detail, RunDetailScreen)
+        history = detail.run.history
+        assert history.status == "running" and history.losses == [0.9, 0.8]
+
+        append_events(run_dir, step_event(3, 0.7))  # the other process writes on
+        await wait_for(pilot, lambda: history.losses == [0.9, 0.8, 0.7], timeout=10)
+        append_events(run_dir, RunStopped(time=FIXED_TIME + 9, step=3, checkpoint=None))
+        await wait_for(pilot, lambda: history.status == "stopped", timeout=10)
+        await wait_for(pilot, lambda: "stopped" in screen_text(app), timeout=10)
+
+        # resumed by another process from its checkpoint at step 2: a new session, followed on the same screen
+        resumed = dataclasses.replace(started, time=FIXED_TIME + 20, resumed_from_step=2)
+        append_events(run_dir, resumed, step_event(3, 0.65), step_event(4, 0.6))
+        await wait_for(pilot, lambda: history.status == "running" and history.steps == [1, 2, 3, 4], timeout=10)
+        assert history.losses == [0.9, 0.8, 0.65, 0.6]
+        append_events(run_dir, RunFinished(time=FIXED_TIME + 30, summary={"status": "finished"}))
+        await wait_for(pilot, lambda: history.status == "finished" and "finished" in screen_text(app), timeout=10)
+        await wait_for(pilot, lambda: list(detail.query_one(LossChart).series[0].losses) == history.losses, timeout=10)
+
+
+async def test_an_open_run_whose_process_died_shows_interrupted(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path, "killed", losses=[0.9, 0.8], status="running")
+    app = make_app(runs_dir=tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await open_runs(app, pilot)
+        await pilot.press("enter")
+        await pilot.pause()
+        detail = app.screen
+        assert isinstance(detail, RunDetailScreen) and detail.run.history.status == "running"
+        process = subprocess.Popen([sys.executable, "-c", "pass"])
+        process.wait()
+        write_pid(run_dir, process.pid)  # the process training it is gone without a final event
+        await wait_for(pilot, lambda: detail.run.history.status == "interrupted", timeout=10)
+        await wait_for(pilot, lambda: "interrupted" in screen_text(app), timeout=10)

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 from textual.widgets import Label
 
-from engine.events import Event, Step
+from engine.events import Event, Log, Step
 from engine.runs import read_summary
-from tests.tui.conftest import make_app, plain, screen_text, tiny_setup
+from engine.strategies import feature
+from tests.tui.conftest import RUN_TIMEOUT_S, make_app, plain, screen_text, tiny_setup, wait_for
 from tui.app import FinetuiApp
+from tui.form import with_value
 from tui.screens.dialogs import ConfirmScreen
 from tui.screens.runs import RunDetailScreen, RunsScreen
 from tui.screens.setup import SetupScreen
 from tui.screens.train import TrainScreen
 from tui.sink import MessageSink
 from tui.widgets.run_view import LossChart, RunView
-
-RUN_TIMEOUT_S = 120
 
 
 @pytest.fixture
@@ -44,14 +44,6 @@ def first_step_gate(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, t
     return reached, release
 
 
-async def wait_for(pilot, condition, timeout: float = RUN_TIMEOUT_S) -> None:  # type: ignore[no-untyped-def]
-    """Let the app run until `condition()` holds (events from the training thread arrive asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await pilot.pause(0.05)
-
-
 async def finish(app: FinetuiApp, pilot) -> None:  # type: ignore[no-untyped-def]
     await app.workers.wait_for_complete()
     await pilot.pause()
@@ -70,7 +62,7 @@ async def test_a_tiny_run_shows_its_loss_curve_finishes_and_reopens_from_the_run
         assert history is not None and history.status == "finished", history and history.error
         assert history.steps == [1, 2, 3, 4, 5, 6] and len(history.losses) == 6
         view = app.screen.query_one(RunView)
-        view._flush_chart()
+        view._flush()
         chart = view.query_one(LossChart)
         assert list(chart.series[0].steps) == history.steps and list(chart.series[0].losses) == history.losses
         assert "step 6/6" in plain(view.query_one("#progress-text", Label))
@@ -180,3 +172,36 @@ async def test_a_failed_run_shows_its_error_and_the_app_stays_usable(tmp_path: P
         assert app.history.status == "failed" and "no/such/file.jsonl" in (app.history.error or "")
         await pilot.press("f1")
         assert isinstance(app.screen, SetupScreen)
+
+
+async def test_a_feature_run_stops_while_it_embeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feature strategy has no training steps: a stop must reach it between two embedding batches."""
+    reached, release = threading.Event(), threading.Event()
+    emit = MessageSink.emit
+
+    def gated(self: MessageSink, event: Event) -> None:
+        emit(self, event)
+        if isinstance(event, Log) and event.message.startswith("embedding train") and not reached.is_set():
+            reached.set()
+            release.wait(RUN_TIMEOUT_S)
+
+    monkeypatch.setattr(MessageSink, "emit", gated)
+    batches: list[int] = []
+    pool = feature._pool
+    monkeypatch.setattr(feature, "_pool", lambda hidden, *args: batches.append(len(hidden)) or pool(hidden, *args))
+    setup = with_value(tiny_setup(tmp_path, batch_size=4), "strategy.kind", "feature")
+    app = make_app(setup)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, reached.is_set)
+        await pilot.press("s", "y")
+        assert app.history is not None and app.history.stop_requested
+        assert "stopping" in plain(app.screen.query_one("#run-title", Label))
+        release.set()
+        await finish(app, pilot)
+        history = app.history
+        assert history.status == "stopped", history.error
+        assert batches == []  # stopped before the next batch: not one more forward pass
+        assert not any(isinstance(e, Log) and "embeddings from the cache" in e.message for e in history.journal)
+        assert read_summary(Path(history.run_dir or ""))["status"] == "stopped"
+        assert "stopped" in app.run_banner

@@ -14,9 +14,10 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DirectoryTree, Input, Label, OptionList
 from textual.widgets.option_list import Option
 
+from engine.sources import FORMAT_BY_SUFFIX
 from tui.presets import preset_description
 
-DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+DATA_SUFFIXES = tuple(FORMAT_BY_SUFFIX)
 
 
 class ConfirmScreen(ModalScreen[bool]):

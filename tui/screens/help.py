@@ -16,11 +16,12 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("F1 F2 F3 F4", "setup · freeze map · training · runs"),
             ("ctrl+r", "start a run of the current setup"),
+            ("ctrl+t", "start it in the background: its own process, it survives closing the app"),
             ("ctrl+o / ctrl+s", "load a preset / save the setup as a preset TOML"),
             ("ctrl+p", "command palette: every action by name"),
             ("?", "this help (escape closes it)"),
             ("tab / shift+tab", "next / previous field"),
-            ("ctrl+q", "quit (asks first while a run is active)"),
+            ("ctrl+q", "quit (asks first while a run is active; a background run goes on)"),
         ),
     ),
     (
@@ -44,7 +45,7 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     (
         "training (F3)",
         (
-            ("ctrl+r", "start"),
+            ("ctrl+r / ctrl+t", "start / start in the background"),
             ("s", "stop (asks; stops at the next step and saves a checkpoint)"),
         ),
     ),
@@ -54,6 +55,8 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
             ("enter", "open a run: curves and summary from its events.jsonl, followed while written"),
             ("space, then c", "mark runs, then overlay their loss curves"),
             ("R (shift+r)", "resume a stopped, failed or interrupted run from its last checkpoint"),
+            ("s", "stop a running run, whatever process trains it (asks first)"),
+            ("a", "attach: follow a running run on the training screen (like `finetui attach`)"),
             ("r", "refresh the list"),
             ("escape", "back from a run or a comparison"),
         ),

@@ -2,14 +2,15 @@
 
 Runs are read back from their folders (`engine.runs.list_runs`, `EventFollower`), never from memory, so a
 run started by `finetui run` in another shell, or by an app whose SSH session dropped, shows the same way,
-and one still being written is followed as it grows.
+and one still being written is followed as it grows (and again when it is resumed). A run that another
+process trains can be stopped from here (`engine.detach.request_stop`) or followed on the training screen.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from textual import work
 from textual.app import ComposeResult
@@ -18,12 +19,15 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label
 
-from engine.runs import EventFollower, RunInfo, list_runs, read_summary
+from engine.runs import EventFollower, RunInfo, list_runs, read_summary, run_status
 from tui.form import display_path, effective_value
 from tui.history import TERMINAL, RunHistory, best_metric, format_duration
 from tui.screens.base import MainScreen
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.run_view import LossChart, RunView, series_of
+
+if TYPE_CHECKING:
+    from tui.app import FinetuiApp
 
 REFRESH_S = 3.0
 FOLLOW_S = 0.5
@@ -47,6 +51,8 @@ class RunsScreen(MainScreen):
         Binding("space", "mark", "Mark"),
         Binding("c", "compare", "Compare"),
         Binding("R", "resume", "Resume"),
+        Binding("s", "stop", "Stop"),
+        Binding("a", "attach", "Attach"),
         Binding("r", "refresh", "Refresh", show=False),
     ]
 
@@ -74,7 +80,7 @@ class RunsScreen(MainScreen):
         ):
             table.add_column(label, key=key)
         table.focus()
-        self.set_interval(REFRESH_S, self._auto_refresh)
+        self.set_interval(REFRESH_S, self._refresh_if_shown)
 
     @property
     def folder(self) -> Path:
@@ -83,7 +89,7 @@ class RunsScreen(MainScreen):
     def on_screen_resume(self) -> None:
         self.action_refresh()
 
-    def _auto_refresh(self) -> None:
+    def _refresh_if_shown(self) -> None:
         if self.is_current:
             self.action_refresh()
 
@@ -96,6 +102,8 @@ class RunsScreen(MainScreen):
 
     def on_runs_listed(self, message: RunsListed) -> None:
         self.runs = message.runs
+        stopping = self.finetui.stopping
+        stopping -= {run.path.resolve() for run in self.runs if run.status != "running"}
         self.query_one("#runs-folder", Label).update(
             f"{len(self.runs)} runs in {display_path(str(message.folder))}/ · enter opens · space marks · "
             "c overlays the marked runs"
@@ -107,7 +115,7 @@ class RunsScreen(MainScreen):
             table.add_row(
                 "✓" if run.path in self.marked else "",
                 run.path.name,
-                run.status,
+                "stopping…" if run.status == "running" and run.path.resolve() in stopping else run.status,
                 run.strategy,
                 run.model.removeprefix("builtin:"),
                 best_text(run.summary),
@@ -140,6 +148,16 @@ class RunsScreen(MainScreen):
             return
         self.finetui.resume_run(run.path)
 
+    def action_stop(self) -> None:
+        run = self._current()
+        if run is not None:
+            self.finetui.stop_run_dir(run.path)
+
+    def action_attach(self) -> None:
+        run = self._current()
+        if run is not None:
+            self.finetui.attach_run(run.path)
+
     def action_mark(self) -> None:
         run = self._current()
         if run is None:
@@ -165,25 +183,31 @@ class FollowedRun:
         self.history = RunHistory(run_dir=str(path), status="running")
 
     def poll(self) -> list[Any]:
+        """The events written since the last poll, applied. Without new events, a run that ended without its
+        final event (a summary says so, or its process died: `interrupted`) gets that status."""
         events = self.follower.poll()
         for event in events:
             self.history.apply(event)
-        if self.history.status not in TERMINAL:
+        if self.history.status not in TERMINAL and not events:
             summary = read_summary(self.path)
-            if summary and summary.get("status") in TERMINAL and not events:
-                self.history.status = summary["status"]
+            status = run_status(self.path, summary)
+            if status in TERMINAL:
+                self.history.status = status
                 self.history.summary = self.history.summary or summary
+            elif status == "interrupted" or self.history.status == "interrupted":
+                self.history.status = status
         return events
-
-    @property
-    def done(self) -> bool:
-        return self.history.status in TERMINAL
 
 
 class RunDetailScreen(Screen[None]):
-    """One run rebuilt from its events.jsonl, followed while it is written."""
+    """One run rebuilt from its events.jsonl, followed while it is written: as long as the screen is open, since
+    an ended run may be resumed (a new `run_started`) by another process."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q", "app.pop_screen", "Back")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,q", "app.pop_screen", "Back"),
+        Binding("s", "stop", "Stop"),
+        Binding("a", "attach", "Attach"),
+    ]
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -194,19 +218,37 @@ class RunDetailScreen(Screen[None]):
         yield RunView(id="detail-run")
         yield Footer(compact=True)
 
+    @property
+    def finetui(self) -> FinetuiApp:
+        return cast("FinetuiApp", self.app)
+
     def on_mount(self) -> None:
         self.run.poll()
+        self._note_stop_request()
         self.query_one(RunView).show(self.run.history)
-        if not self.run.done:
-            self._timer = self.set_interval(FOLLOW_S, self._follow)
+        self.set_interval(FOLLOW_S, self._follow)
 
     def _follow(self) -> None:
+        history = self.run.history
+        before = (history.status, history.stop_requested)
         events = self.run.poll()
-        if events:
-            self.query_one(RunView).events_applied(self.run.history, events)
-        if self.run.done:
-            self.query_one(RunView).show(self.run.history)
-            self._timer.stop()
+        self._note_stop_request()
+        if events or (history.status, history.stop_requested) != before:
+            self.query_one(RunView).events_applied(history, events)
+
+    def _note_stop_request(self) -> None:
+        history, path = self.run.history, self.run.path.resolve()
+        if history.active:
+            history.stop_requested = path in self.finetui.stopping
+        else:
+            self.finetui.stopping.discard(path)
+
+    def action_stop(self) -> None:
+        self.finetui.stop_run_dir(self.run.path)
+
+    def action_attach(self) -> None:
+        self.app.pop_screen()
+        self.finetui.attach_run(self.run.path)
 
 
 class CompareScreen(Screen[None]):

@@ -52,7 +52,8 @@ class TrainScreen(MainScreen):
         model = effective_value(data, "model.id")
         empty = self.query_one("#train-empty", Static)
         empty.update(
-            f"No run yet.\n\n[b]ctrl+r[/] starts [b]{name}[/]: {kind} on {model}.\n"
+            f"No run yet.\n\n[b]ctrl+r[/] starts [b]{name}[/]: {kind} on {model}; [b]ctrl+t[/] starts it in the "
+            "background (it survives closing the app).\n"
             "F1 changes the setup, F2 shows what will train, F4 lists earlier runs."
         )
         empty.display = True

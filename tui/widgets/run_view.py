@@ -1,8 +1,10 @@
 """One run on screen: loss curves, progress, speed and memory, latest metrics, and its log.
 
 The same widget shows the live run on the training screen and a run read back from its directory on the runs
-screen; both feed it a `tui.history.RunHistory`. Redrawing the chart is the only costly part, so it happens at
-most twice a second, and only when new points arrived: a busy UI thread would slow the training thread.
+screen; both feed it a `tui.history.RunHistory`. Every moment the UI thread spends drawing is taken from the
+training (the CPU, and the GIL when the run trains in this process), so the view redraws on one clock: at most
+once a second, and only what changed (new points, or the elapsed time), in one frame; and no
+update changes a widget's size unless its text grew or shrank by lines (a size change repaints the whole screen).
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from engine.events import Checkpoint, Eval, Event, Log, RunFailed, RunFinished, 
 from tui.form import display_path
 from tui.history import RunHistory, format_duration
 
-CHART_INTERVAL_S = 0.5
-TEXT_INTERVAL_S = 0.25
+FLUSH_S = 1.0
 STATUS_STYLE = {
     "running": "$accent",
     "starting": "$accent",
@@ -84,15 +85,16 @@ class RunView(Vertical):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, classes="run-view")
         self.history: RunHistory | None = None
-        self._chart_dirty = False
-        self._text_dirty = False
+        self._dirty = False
+        self._plotted: tuple[list[int], int, int] | None = None
+        self._texts: dict[str, str] = {}
 
     def compose(self) -> ComposeResult:
         yield Label("", id="run-title")
         yield Label("", id="run-error")
         with Horizontal(id="progress-row"):
             # a known total from the start: an indeterminate bar animates at full frame rate, costing the CPU
-            yield ProgressBar(total=1, show_eta=False, id="run-progress")
+            yield ProgressBar(total=1, show_eta=False, show_percentage=False, id="run-progress")
             yield Label("", id="progress-text")
         with Horizontal(id="run-body"):
             yield LossChart(id="loss-chart")
@@ -105,9 +107,7 @@ class RunView(Vertical):
         yield RichLog(id="run-log", wrap=True, markup=False, max_lines=2000)
 
     def on_mount(self) -> None:
-        self.set_interval(CHART_INTERVAL_S, self._flush_chart)
-        self.set_interval(TEXT_INTERVAL_S, self._flush_text)
-        self.set_interval(1.0, self._tick)
+        self.set_interval(FLUSH_S, self._flush)
         if self.history is not None:
             self.show(self.history)
 
@@ -124,9 +124,9 @@ class RunView(Vertical):
             line = self._log_line(event)
             if line is not None:
                 log.write(line)
-        self._update_text()
-        self._chart_dirty = True
-        self._flush_chart()
+        self._dirty = True
+        self._plotted = None
+        self._flush()
 
     def events_applied(self, history: RunHistory, events: Sequence[Event]) -> None:
         """`events` were just applied to `history`: log them now; numbers and chart follow at a steady pace.
@@ -142,26 +142,25 @@ class RunView(Vertical):
             line = self._log_line(event)
             if line is not None:
                 log.write(line)
-        self._text_dirty = True
-        self._chart_dirty = True
+        self._dirty = True
         if any(not isinstance(event, Step | Log) for event in events):
-            self._flush_text()  # start, eval, end: show at once
+            self._flush()  # start, eval, end: show at once
 
-    def _flush_text(self) -> None:
-        if self._text_dirty and self.history is not None:
-            self._text_dirty = False
-            self._update_text()
-
-    def _flush_chart(self) -> None:
-        if not self._chart_dirty or self.history is None:
+    def _flush(self) -> None:
+        """Redraw what changed since the last flush; the elapsed time and ETA of an active run every second."""
+        history = self.history
+        if history is None:
             return
-        self._chart_dirty = False
-        self.query_one(LossChart).plot([series_of(self.history)])
-        self.query_one("#lr-spark", Sparkline).data = list(self.history.lrs[-200:])
-
-    def _tick(self) -> None:
-        if self.history is not None and self.history.active:
-            self._update_progress(self.history)
+        if self._dirty:
+            self._dirty = False
+            self._update_text()
+            plotted = (history.steps[-1:], len(history.steps), len(history.evals))
+            if plotted != self._plotted:  # a log line alone leaves the chart as it is
+                self._plotted = plotted
+                self.query_one(LossChart).plot([series_of(history)])
+                self.query_one("#lr-spark", Sparkline).data = list(history.lrs[-200:])
+        elif history.active:
+            self._update_progress(history)
 
     # text
 
@@ -190,16 +189,24 @@ class RunView(Vertical):
     def _update_text(self) -> None:
         history = self.history
         assert history is not None
+        status = "stopping…" if history.active and history.stop_requested else history.status
         style = STATUS_STYLE.get(history.status, "")
         parts = [history.label, history.strategy, history.model]
         title = " · ".join(part for part in parts if part)
-        self.query_one("#run-title", Label).update(f"[{style} b]{history.status}[/]  {title}", layout=False)
-        error = self.query_one("#run-error", Label)
-        error.update(f"error: {history.error}" if history.error else "")
-        error.display = bool(history.error)
+        self.query_one("#run-title", Label).update(f"[{style} b]{status}[/]  {title}", layout=False)
+        if self._set_text("#run-error", f"error: {history.error}" if history.error else ""):
+            self.query_one("#run-error").display = bool(history.error)
         self._update_progress(history)
         self.query_one("#run-stats", Static).update(self._stats(history), layout=False)
-        self.query_one("#run-metrics", Static).update(self._metrics(history))
+        self._set_text("#run-metrics", self._metrics(history))
+
+    def _set_text(self, selector: str, text: str) -> bool:
+        """Show `text` in a widget whose size follows its text; nothing (no new layout) when it is unchanged."""
+        if self._texts.get(selector) == text:
+            return False
+        self._texts[selector] = text
+        self.query_one(selector, Static).update(text)
+        return True
 
     def _update_progress(self, history: RunHistory) -> None:
         step = history.last_step

@@ -5,15 +5,14 @@ and the app may start a data preview, a freeze map and a run close together. Eve
 `load_engine()` first: the first one imports, the others wait for it. The app also starts it in the
 background right after its first screen is painted.
 
-Torch's OpenMP threads sleep between parallel regions here (OMP_WAIT_POLICY=PASSIVE, unless set): spinning,
-the idle one keeps a core busy that the UI thread then takes from the one that computes, and on 2 cores the
-app trained at ~0.90 of `finetui run` (spinning both), against ~0.99 with both passive (bench/tui_parity.py).
+Torch's OpenMP threads keep libgomp's default wait policy, as in `finetui run`: OMP_WAIT_POLICY=PASSIVE (threads
+sleep between parallel regions) cost `finetui run quickstart` 23-26 % of its samples/s on an idle 2-core machine
+(74 and 63 against 57 and 47), so the app does not set it either (bench/tui_parity.py).
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import threading
 
 _lock = threading.Lock()
@@ -27,7 +26,6 @@ def load_engine() -> None:
     with _lock:
         if _loaded:
             return
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads libgomp
         import engine.data
         import engine.inspect
         import engine.trainer  # noqa: F401  (imports torch, transformers, peft, datasets, sklearn)

@@ -16,9 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -102,21 +101,6 @@ def tokenised_dir(key: str) -> Path:
 
 def features_path(key: str) -> Path:
     return cache_dir() / FEATURES / f"{key}.npy"
-
-
-def publish_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a cache entry folder under a temporary name, then rename it to `target` (first writer wins)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_array(path: Path, array: np.ndarray) -> None:

@@ -33,6 +33,7 @@ from transformers import (
 
 from engine import cache as cache_lib
 from engine.config import ConfigError, DataConfig
+from engine.runs import publish_dir
 from engine.sources import FORMAT_BY_SUFFIX, is_hub_dataset, looks_like_data_path
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -193,7 +194,7 @@ def _store_tokenised(key: str, prepared: PreparedData) -> None:
 
     target = cache_lib.tokenised_dir(key)
     if not target.is_dir():
-        cache_lib.publish_dir(target, write)
+        publish_dir(target, write)
 
 
 def _load_tokenised(key: str, task: str, tokenizer: PreTrainedTokenizerBase, packing: bool) -> PreparedData | None:

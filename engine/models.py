@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from transformers import (
 )
 
 from engine.config import ModelConfig
+from engine.runs import publish_dir
 from engine.sources import BUILTIN_PREFIX, ModelError, ModelSource, model_source
 
 logger = logging.getLogger(__name__)
@@ -107,20 +106,8 @@ def _cached_folder(folder_name: str, build: Callable[[Path], None]) -> Path:
     processes build at once, the loser discards its copy.
     """
     target = cache_dir() / "models" / folder_name
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", dir=target.parent))
-    try:
-        build(staging)
-        staging.chmod(0o755)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not target.is_dir():
+        publish_dir(target, build)
     return target
 
 

@@ -10,7 +10,9 @@ returns the cached states and the block list cut to the trainable blocks. Everyt
 attention mask, the top blocks, pooler, dropout, classifier, loss) is the model's own code on the model's own
 modules, so the result equals training the whole model with the frozen part in eval mode (a test checks the
 losses), dropout in the top part works as usual, and checkpoints and the final `model/` are the full model.
-For `head`, BERT and DistilBERT classify from the first token only, so only that token's state is kept.
+BERT and DistilBERT classify from the first token only: for `head` only that token's state is kept, and for
+`last_layers` the last block computes keys and values for every token but queries, attention output and
+feed-forward for the first token only (the rows nobody reads are never computed; `FirstTokenBlock`).
 
 Supported: BERT-style and DistilBERT sequence classifiers (`SUPPORTED_MODEL_TYPES`). Causal LMs (rotary
 position embeddings, per-token heads) and adapters fall back to the normal path, with a log line saying why;
@@ -19,6 +21,7 @@ so does a cache that would not fit in `RAM_SHARE` of the available memory.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -30,6 +33,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from engine.architecture import find_blocks
 from engine.data import PreparedData
@@ -230,6 +234,66 @@ class BoundaryCollator:
         return batch
 
 
+class FirstTokenBlock(nn.Module):
+    """A BERT or DistilBERT block computing its output at the first token only (the one the classifier reads).
+
+    Same weights, same arithmetic for that token as the block itself: keys and values from every token, the query,
+    attention output, residuals, layer norms and feed-forward for the first token. Returns (batch, 1, hidden).
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        first = hidden_states[:, :1]
+        if hasattr(self.block, "sa_layer_norm"):  # DistilBERT's TransformerBlock
+            attention = self.block.attention
+            context = _first_query_attention(
+                attention, attention.q_lin, attention.k_lin, attention.v_lin, hidden_states, attention_mask
+            )
+            attended = self.block.sa_layer_norm(attention.out_lin(context) + first)
+            return self.block.output_layer_norm(self.block.ffn(attended) + attended)
+        attention = self.block.attention.self  # BERT's BertLayer
+        context = _first_query_attention(
+            attention, attention.query, attention.key, attention.value, hidden_states, attention_mask
+        )
+        return self.block.feed_forward_chunk(self.block.attention.output(context, first))
+
+
+def _first_query_attention(
+    attention: nn.Module,
+    query: nn.Module,
+    key: nn.Module,
+    value: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Multi-head attention of the first token over all tokens, through the model's attention implementation."""
+    batch = hidden_states.shape[0]
+    head_size = attention.attention_head_size
+
+    def heads(states: torch.Tensor, projection: nn.Module) -> torch.Tensor:
+        return projection(states).view(batch, states.shape[1], -1, head_size).transpose(1, 2)
+
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2] > 1:
+        attention_mask = attention_mask[:, :, :1]
+    eager = sys.modules[type(attention).__module__].eager_attention_forward
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
+    context, _ = interface(
+        attention,
+        heads(hidden_states[:, :1], query),
+        heads(hidden_states, key),
+        heads(hidden_states, value),
+        attention_mask,
+        dropout=attention.dropout.p if attention.training else 0.0,
+        scaling=attention.scaling,
+    )
+    return context.reshape(batch, 1, -1)
+
+
 def install(model: nn.Module, plan: PrefixPlan) -> None:
     """Make `model(frozen_states=..., attention_mask=..., labels=...)` run only the part above the boundary.
 
@@ -237,7 +301,9 @@ def install(model: nn.Module, plan: PrefixPlan) -> None:
     """
     original = type(model).forward
     stub = _PassThrough()
-    top_blocks = nn.ModuleList(list(model.get_submodule(plan.blocks_path))[plan.boundary :])
+    top_blocks = list(model.get_submodule(plan.blocks_path))[plan.boundary :]
+    if top_blocks:
+        top_blocks[-1] = FirstTokenBlock(top_blocks[-1])
 
     def forward(
         input_ids: torch.Tensor | None = None,
@@ -252,7 +318,7 @@ def install(model: nn.Module, plan: PrefixPlan) -> None:
             attention_mask = torch.ones(frozen_states.shape[:2], dtype=torch.long, device=frozen_states.device)
         stub.states = frozen_states
         try:
-            with _swapped(model, plan, top_blocks, stub):
+            with _swapped(model, plan, nn.ModuleList(top_blocks), stub):
                 return original(
                     model, inputs_embeds=frozen_states, attention_mask=attention_mask, labels=labels, **kwargs
                 )

@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.message import Message
-from textual.widgets import Footer, Input, Label, Select, Static
+from textual.widgets import Input, Label, Select, Static
 
 from engine.sinks import format_bytes, format_count
 from tui.form import FIELDS_BY_KEY, LORA_KINDS, MISSING, effective_value, parse_text, to_text, with_value
@@ -23,6 +23,7 @@ from tui.heavy import load_engine
 from tui.screens.base import MainScreen
 from tui.widgets.freeze_table import FreezeMapTable
 from tui.widgets.mode_bar import ModeBar
+from tui.widgets.steady_footer import SteadyFooter
 
 # the inputs of `inspect_config`: a change to any of them means a new map
 MAP_KEYS = (
@@ -100,7 +101,7 @@ class FreezeMapScreen(MainScreen):
         yield FreezeMapTable(id="fm-table")
         yield Static("", id="fm-totals")
         yield Static("", id="fm-memory")
-        yield Footer(compact=True)
+        yield SteadyFooter()
 
     def _text(self, key: str) -> str:
         return to_text(FIELDS_BY_KEY[key], effective_value(self.finetui.setup_data, key))

@@ -17,7 +17,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Label
+from textual.widgets import DataTable, Label
 
 from engine.runs import EventFollower, RunInfo, list_runs, read_summary, run_status
 from tui.form import display_path, effective_value
@@ -25,6 +25,7 @@ from tui.history import TERMINAL, RunHistory, best_metric, format_duration
 from tui.screens.base import MainScreen
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.run_view import LossChart, RunView, series_of
+from tui.widgets.steady_footer import SteadyFooter
 
 if TYPE_CHECKING:
     from tui.app import FinetuiApp
@@ -65,7 +66,7 @@ class RunsScreen(MainScreen):
         yield ModeBar("runs")
         yield Label("", id="runs-folder", classes="dim")
         yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
-        yield Footer(compact=True)
+        yield SteadyFooter()
 
     def on_mount(self) -> None:
         table = self.query_one("#runs-table", DataTable)
@@ -216,7 +217,7 @@ class RunDetailScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Label(f"[b]run[/] {self.run.path.name}  [dim]escape: back to the runs[/]", id="detail-title")
         yield RunView(id="detail-run")
-        yield Footer(compact=True)
+        yield SteadyFooter()
 
     @property
     def finetui(self) -> FinetuiApp:
@@ -264,7 +265,7 @@ class CompareScreen(Screen[None]):
         yield Label("[b]compare[/]  train loss of the marked runs  [dim]escape: back[/]", id="compare-title")
         yield LossChart(id="compare-chart")
         yield DataTable(id="compare-table", cursor_type="row")
-        yield Footer(compact=True)
+        yield SteadyFooter()
 
     def on_mount(self) -> None:
         table = self.query_one("#compare-table", DataTable)

@@ -15,7 +15,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widget import Widget
-from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, Select
+from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select
 
 from tui.form import (
     BUILTIN_MODELS,
@@ -35,6 +35,7 @@ from tui.heavy import load_engine
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import FilePickerScreen
 from tui.widgets.mode_bar import ModeBar
+from tui.widgets.steady_footer import SteadyFooter
 
 PREVIEW_ROWS = 5
 BROWSE_KEYS = ("data.train", "data.validation", "data.test")
@@ -88,7 +89,7 @@ class SetupScreen(MainScreen):
                 with Vertical(classes="form-column", id=f"setup-{column}"):
                     for section in sections:
                         yield from self._section(section)
-        yield Footer(compact=True)
+        yield SteadyFooter()
 
     def _section(self, section: str) -> ComposeResult:
         with Vertical(classes="form-section", id=f"section-{section.lower()}"):

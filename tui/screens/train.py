@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from engine.events import Event
 from tui.form import effective_value
@@ -15,6 +15,7 @@ from tui.history import RunHistory
 from tui.screens.base import MainScreen
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.run_view import RunView
+from tui.widgets.steady_footer import SteadyFooter
 
 
 class TrainScreen(MainScreen):
@@ -27,7 +28,7 @@ class TrainScreen(MainScreen):
         yield ModeBar("train")
         yield Static("", id="train-empty")
         yield RunView(id="live-run")
-        yield Footer(compact=True)
+        yield SteadyFooter()
 
     def on_mount(self) -> None:
         self.finetui.run_signal.subscribe(self, self.run_started)

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -273,6 +274,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small subsets: checks the bench in a few minutes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument("--only", nargs="*", choices=list(PLANS), help="run only these strategies")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (runs, logs; kept on a failure)")
     args = parser.parse_args()
     n_train, n_validation = (320, 160) if args.quick else (1600, 500)
     work = Path(tempfile.mkdtemp(prefix="finetui-bench-"))
@@ -399,6 +401,8 @@ def main() -> None:
     lines += [f"| {name} | {value} | {'yes' if met else 'NO'} |" for name, value, met in targets]
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)  # ~1.6 GB of runs and caches
 
 
 if __name__ == "__main__":

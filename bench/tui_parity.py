@@ -18,14 +18,17 @@ average before and after. Needs tmux.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +86,23 @@ def summary_of(runs: Path) -> dict:
     return json.loads(summary.read_text())
 
 
+def step_rate(runs: Path) -> float:
+    """Samples/s while stepping: the median over the intervals between logged steps (an interval holding an
+    evaluation or a checkpoint, whose time depends on the disk, is one of several and does not move the median)."""
+    (run_dir,) = (path.parent for path in runs.glob("*/summary.json"))
+    train = tomllib.loads((run_dir / "config.toml").read_text())["train"]
+    samples_per_step = train["batch_size"] * train["grad_accum"] * train["nproc"]
+    steps = [
+        event
+        for event in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines())
+        if event["type"] == "step"
+    ]
+    return statistics.median(
+        samples_per_step * (later["step"] - earlier["step"]) / (later["elapsed_s"] - earlier["elapsed_s"])
+        for earlier, later in itertools.pairwise(steps)
+    )
+
+
 def headless(out: Path, env: dict[str, str]) -> dict:
     started = time.perf_counter()
     result = subprocess.run(
@@ -95,7 +115,11 @@ def headless(out: Path, env: dict[str, str]) -> dict:
     if result.returncode != 0:
         sys.exit(f"headless run failed ({result.returncode}): {result.stderr[-2000:]}")
     summary = summary_of(out)
-    return {"samples_per_s": summary["train_samples_per_second"], "wall_s": round(time.perf_counter() - started, 1)}
+    return {
+        "samples_per_s": summary["train_samples_per_second"],
+        "step_samples_per_s": round(step_rate(out), 2),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
 
 
 def in_app(out: Path, env: dict[str, str], size: tuple[int, int], press_every: float, start_key: str) -> dict:
@@ -139,6 +163,7 @@ def in_app(out: Path, env: dict[str, str], size: tuple[int, int], press_every: f
     ordered = sorted(latencies)
     return {
         "samples_per_s": summary["train_samples_per_second"],
+        "step_samples_per_s": round(step_rate(cwd / "runs"), 2),
         "wall_s": round(wall, 1),
         "ui_thread_cpu_s": round(ui_cpu, 1),
         "process_cpu_s": round(all_cpu, 1),
@@ -152,6 +177,7 @@ def in_app(out: Path, env: dict[str, str], size: tuple[int, int], press_every: f
     }
 
 
+MEASURES = ("samples_per_s", "step_samples_per_s")
 CARRIED = ("PATH", "HOME", "LANG", "TERM", "FINETUI_CACHE", "PYTHONPATH")
 EXTRA: set[str] = set()
 
@@ -163,7 +189,7 @@ def main() -> None:
     parser.add_argument("--size", default="120x34", help="terminal size of the app (default 120x34)")
     parser.add_argument("--press-every", type=float, default=3.0, help="seconds between F1/F3 pairs (0: no key run)")
     parser.add_argument("--start-key", default="C-r", help="the key that starts the run (C-t: in the background)")
-    parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary folder, removed)")
     parser.add_argument("--md", type=Path, default=ROOT / "bench" / "TUI_PARITY.md", help="the Markdown report")
     args = parser.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -179,47 +205,53 @@ def main() -> None:
         report["headless"].append(headless(out / f"headless-{index}", env))
         report["app"].append(in_app(out / f"app-{index}", env, size, 0, args.start_key))  # type: ignore[arg-type]
         print(json.dumps({"headless": report["headless"][-1], "app": report["app"][-1]}), flush=True)
-    headless_median = statistics.median(run["samples_per_s"] for run in report["headless"])
-    app_median = statistics.median(run["samples_per_s"] for run in report["app"])
-    report["samples_per_s_median"] = {"headless": headless_median, "app": app_median}
-    report["app_vs_headless"] = round(app_median / headless_median, 3)
+    for measure in MEASURES:
+        medians = {side: statistics.median(run[measure] for run in report[side]) for side in ("headless", "app")}
+        report[f"{measure}_median"] = medians
+        report[f"{measure}_app_vs_headless"] = round(medians["app"] / medians["headless"], 3)
     if args.press_every:
-        keyed = in_app(out / "app-keys", env, size, args.press_every, args.start_key)  # type: ignore[arg-type]
-        report["app_with_keys"] = keyed
-        report["app_with_keys_vs_headless"] = round(keyed["samples_per_s"] / headless_median, 3)
+        report["app_with_keys"] = in_app(out / "app-keys", env, size, args.press_every, args.start_key)  # type: ignore[arg-type]
     report["load_after"] = load()
     print(json.dumps(report, indent=2))
     args.md.write_text(markdown(report, args), encoding="utf-8")
+    if not args.out:
+        shutil.rmtree(out, ignore_errors=True)  # ~1 GB of checkpoints per run (kept when a run failed)
 
 
 def markdown(report: dict, args: argparse.Namespace) -> str:
     from run_bench import machine
 
-    def rates(runs: list[dict]) -> str:
-        return ", ".join(f"{run['samples_per_s']:.1f}" for run in runs)
-
+    keyed = report.get("app_with_keys")
     lines = [
         "# The app's training speed against headless (bench/tui_parity.py)",
         "",
         f"- Machine: {machine()}; load average before / after: {report['load_before']} / {report['load_after']}",
-        f"- The quickstart preset, `finetui run quickstart` and `ctrl+{args.start_key[-1].lower()}` in the app "
-        f"(tmux, {args.size}), {args.repeat} times each in turns; samples/s = the Trainer's "
-        "`train_samples_per_second` from each run's summary.json." + (f" Environment: {args.env}." if args.env else ""),
+        f"- The quickstart preset: `finetui run quickstart` and `ctrl+{args.start_key[-1].lower()}` in the app "
+        f"(tmux, {args.size}), {args.repeat} times each in turns." + (f" Environment: {args.env}." if args.env else ""),
+        "- run samples/s: the Trainer's `train_samples_per_second` (summary.json; the whole training, with the "
+        "evaluations and the checkpoint writes of each epoch). step samples/s: the median over the intervals between "
+        "logged steps (events.jsonl), the speed of training itself.",
         "",
-        "| | samples/s (each run) | median | vs headless |",
-        "|---|---|---|---|",
-        f"| headless | {rates(report['headless'])} | {report['samples_per_s_median']['headless']:.1f} | |",
-        f"| app | {rates(report['app'])} | {report['samples_per_s_median']['app']:.1f} "
-        f"| {report['app_vs_headless']:.3f} |",
+        "| | run samples/s (each run) | median | vs headless | step samples/s (each run) | median | vs headless |",
+        "|---|---|---|---|---|---|---|",
     ]
-    keyed = report.get("app_with_keys")
+    for side in ("headless", "app"):
+        cells = []
+        for measure in MEASURES:
+            each = ", ".join(f"{run[measure]:.1f}" for run in report[side])
+            ratio = f"{report[f'{measure}_app_vs_headless']:.3f}" if side == "app" else ""
+            cells.append(f"{each} | {report[f'{measure}_median'][side]:.1f} | {ratio}")
+        lines.append(f"| {side} | " + " | ".join(cells) + " |")
     if keyed:
+        cells = [
+            f"{keyed[measure]:.1f} | | {keyed[measure] / report[f'{measure}_median']['headless']:.3f}"
+            for measure in MEASURES
+        ]
         latency = keyed["key_latency_s"]
         lines += [
-            f"| app, F1/F3 every {args.press_every:g} s | {keyed['samples_per_s']:.1f} | "
-            f"| {report['app_with_keys_vs_headless']:.3f} |",
+            f"| app, F1/F3 every {args.press_every:g} s | " + " | ".join(cells) + " |",
             "",
-            f"Key latency during that run (tmux send-keys until the other screen shows, {keyed['keys']} keys): "
+            f"Key latency during that last run (tmux send-keys until the other screen shows, {keyed['keys']} keys): "
             f"median {latency['median']:.3f} s, p90 {latency['p90']:.3f} s, max {latency['max']:.3f} s. "
             f"UI thread CPU {keyed['ui_thread_cpu_s']} s of {keyed['wall_s']} s.",
         ]

@@ -422,8 +422,9 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 
     The stock sampler draws from the global torch RNG when an epoch starts, whose state depends on every
     dropout mask drawn before; a run resumed in the middle of epoch 2 would then see a different order than
-    the uninterrupted run. Seeding each epoch from `seed + epoch` makes the order reproducible on resume
-    (accelerate's dataloader calls `set_epoch` at every epoch, also after skipping the trained batches).
+    the uninterrupted run. Seeding each epoch from `seed + epoch` makes the order reproducible on resume.
+    `FinetuiTrainer` sets the epoch itself: accelerate's `set_epoch` does not reach the sampler through the batch
+    skipper of a resumed epoch when the batches are also sharded over processes.
     """
 
     def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
@@ -454,12 +455,19 @@ class FinetuiTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._data_seed = data_seed
         self._staging_root: Path | None = None
+        self._epoch_sampler: EpochSeededLengthGroupedSampler | None = None
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
-            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self._data_seed)
+            self._epoch_sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self._data_seed)
+            return self._epoch_sampler
         return sampler
+
+    def _run_epoch(self, *, epoch: int, **kwargs: Any) -> Any:
+        if self._epoch_sampler is not None:
+            self._epoch_sampler.set_epoch(epoch)
+        return super()._run_epoch(epoch=epoch, **kwargs)
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         if "attention_mask" in inputs or "position_ids" not in inputs:

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 from textual.command import CommandPalette
+from textual.widgets._footer import FooterKey
 
 import tui.launcher as launcher
 from tests.conftest import ROOT
@@ -83,3 +84,22 @@ def test_the_first_screen_paints_before_torch_is_imported() -> None:
     heavy, seconds = result.stdout.strip().rsplit(" ", 1)
     assert heavy == "[]"
     assert float(seconds) < 5  # about 1 s on 2 cores; generous for loaded CI machines
+
+
+async def test_the_footer_is_rebuilt_only_when_its_keys_change(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    app = make_app(runs_dir=tmp_path)
+    async with app.run_test(size=(120, 34)) as pilot:
+        setup = app.screen
+        keys_before = list(setup.query(FooterKey))
+        assert "^r Start" in screen_text(app)
+        await pilot.press("f3")
+        await pilot.press("f1")
+        await pilot.pause()
+        assert app.screen is setup
+        assert list(setup.query(FooterKey)) == keys_before  # the same widgets: a switch does not rebuild it
+        setup._bindings.bind("f9", "app.bell", "Ring")
+        setup.refresh_bindings()
+        await pilot.pause()
+        await pilot.pause()
+        assert "f9 Ring" in screen_text(app)
+        assert list(setup.query(FooterKey)) != keys_before

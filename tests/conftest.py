@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,11 @@ atexit.register(shutil.rmtree, os.environ["FINETUI_CACHE"], ignore_errors=True) 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 QUICKSTART_DATA = ROOT / "presets" / "data" / "quickstart"
+
+
+def quickstart_data(splits: tuple[str, ...] = ("train", "validation", "test"), **settings: Any) -> dict[str, Any]:
+    """A `[data]` table over the bundled quickstart sentences, cut to 32 tokens for the tiny models."""
+    return {split: str(QUICKSTART_DATA / f"{split}.jsonl") for split in splits} | {"max_length": 32} | settings
 
 
 @pytest.fixture(scope="session")

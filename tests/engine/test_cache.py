@@ -16,7 +16,7 @@ from engine.events import Log
 from engine.models import load_tokenizer, resolve_model
 from engine.sinks import ListSink
 from engine.trainer import run_training
-from tests.conftest import QUICKSTART_DATA
+from tests.conftest import QUICKSTART_DATA, quickstart_data
 
 
 @pytest.fixture
@@ -96,11 +96,7 @@ def feature_config(tmp_path: Path, **strategy: Any) -> Any:
         {
             "name": "feature",
             "model": {"id": "builtin:tiny-bert", "task": "classification"},
-            "data": {
-                "train": str(QUICKSTART_DATA / "train.jsonl"),
-                "validation": str(QUICKSTART_DATA / "validation.jsonl"),
-                "max_length": 32,
-            },
+            "data": quickstart_data(("train", "validation")),
             "strategy": {"kind": "feature"} | strategy,
             "train": {"output_dir": str(tmp_path)},
         }

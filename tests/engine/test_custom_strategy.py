@@ -14,7 +14,7 @@ from engine.models import load_model
 from engine.sinks import ListSink
 from engine.strategies import get_strategy
 from engine.trainer import run_training
-from tests.conftest import QUICKSTART_DATA
+from tests.conftest import quickstart_data
 
 TOGGLED = ["bert.embeddings", "bert.encoder.layer.2", "classifier"]
 
@@ -24,13 +24,7 @@ def custom_config(tmp_path: Path, trainable: list[str]):
         {
             "name": "tiny-custom",
             "model": {"id": "builtin:tiny-bert", "task": "classification"},
-            "data": {
-                "train": str(QUICKSTART_DATA / "train.jsonl"),
-                "validation": str(QUICKSTART_DATA / "validation.jsonl"),
-                "max_length": 32,
-                "max_train_samples": 32,
-                "max_eval_samples": 16,
-            },
+            "data": quickstart_data(("train", "validation"), max_train_samples=32, max_eval_samples=16),
             "strategy": {"kind": "custom", "trainable": trainable},
             "train": {"max_steps": 2, "batch_size": 8, "logging_steps": 1, "output_dir": str(tmp_path)},
         }

@@ -24,7 +24,7 @@ from engine.events import Event, RunStarted, Step, event_from_dict
 from engine.runs import complete_checkpoints, read_events, read_summary
 from engine.sinks import ListSink
 from engine.trainer import resume_training, run_training
-from tests.conftest import QUICKSTART_DATA, ROOT
+from tests.conftest import ROOT, quickstart_data
 
 TRAIN_ROWS, BATCH, EPOCHS, NPROC = 160, 8, 2, 2
 STEPS = EPOCHS * math.ceil(TRAIN_ROWS / (BATCH * 1 * NPROC))  # 20: the global batch is batch x accum x nproc
@@ -34,13 +34,7 @@ def settings(**train: Any) -> dict[str, Any]:
     return {
         "name": "ddp",
         "model": {"id": "builtin:tiny-llama", "task": "causal"},
-        "data": {
-            "train": str(QUICKSTART_DATA / "train.jsonl"),
-            "validation": str(QUICKSTART_DATA / "validation.jsonl"),
-            "template": "none",
-            "max_length": 32,
-            "max_train_samples": TRAIN_ROWS,
-        },
+        "data": quickstart_data(("train", "validation"), template="none", max_train_samples=TRAIN_ROWS),
         "strategy": {"kind": "full"},
         "train": {"epochs": EPOCHS, "batch_size": BATCH, "lr": 3e-3, "logging_steps": 1} | train,
     }

@@ -17,7 +17,7 @@ from engine.events import Log, Step
 from engine.models import load_model, load_tokenizer
 from engine.sinks import ListSink
 from engine.strategies import get_strategy
-from tests.conftest import QUICKSTART_DATA
+from tests.conftest import QUICKSTART_DATA, quickstart_data
 
 
 def config_for(tmp_path: Path, model: str, kind: str, cache: bool, name: str) -> Any:
@@ -25,14 +25,7 @@ def config_for(tmp_path: Path, model: str, kind: str, cache: bool, name: str) ->
         {
             "name": name,
             "model": {"id": model, "task": "classification"},
-            "data": {
-                "train": str(QUICKSTART_DATA / "train.jsonl"),
-                "validation": str(QUICKSTART_DATA / "validation.jsonl"),
-                "test": str(QUICKSTART_DATA / "test.jsonl"),
-                "max_length": 32,
-                "max_train_samples": 48,
-                "max_eval_samples": 24,
-            },
+            "data": quickstart_data(max_train_samples=48, max_eval_samples=24),
             "strategy": {"kind": kind, "layers": 1},
             "train": {
                 "epochs": 2,

@@ -37,7 +37,7 @@ from engine.runs import (
 )
 from engine.sinks import JsonlFileSink, ListSink
 from engine.trainer import FinetuiTrainer, resume_training, run_training
-from tests.conftest import QUICKSTART_DATA, ROOT
+from tests.conftest import ROOT, quickstart_data
 
 STEPS = 20  # 2 epochs of 160 sentences in batches of 16
 
@@ -46,13 +46,7 @@ def settings(kind: str, **train: Any) -> dict[str, Any]:
     return {
         "name": f"rel-{kind}",
         "model": {"id": "builtin:tiny-bert", "task": "classification"},
-        "data": {
-            "train": str(QUICKSTART_DATA / "train.jsonl"),
-            "validation": str(QUICKSTART_DATA / "validation.jsonl"),
-            "test": str(QUICKSTART_DATA / "test.jsonl"),
-            "max_length": 32,
-            "max_train_samples": 160,
-        },
+        "data": quickstart_data(max_train_samples=160),
         "strategy": {"kind": kind, "r": 4, "layers": 1},
         "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "logging_steps": 1, "save_steps": 2} | train,
     }

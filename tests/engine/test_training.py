@@ -12,7 +12,7 @@ from engine.events import Checkpoint, Eval, FreezeMapReady, Log, RunFinished, Ru
 from engine.runs import read_events, read_summary
 from engine.sinks import ListSink
 from engine.trainer import evaluate_run, run_training
-from tests.conftest import QUICKSTART_DATA
+from tests.conftest import QUICKSTART_DATA, quickstart_data
 
 
 def classification_config(tmp_path: Path, kind: str, model: str = "builtin:tiny-bert", **train: object):
@@ -20,12 +20,7 @@ def classification_config(tmp_path: Path, kind: str, model: str = "builtin:tiny-
         {
             "name": f"tiny-{kind}",
             "model": {"id": model, "task": "classification"},
-            "data": {
-                "train": str(QUICKSTART_DATA / "train.jsonl"),
-                "validation": str(QUICKSTART_DATA / "validation.jsonl"),
-                "test": str(QUICKSTART_DATA / "test.jsonl"),
-                "max_length": 32,
-            },
+            "data": quickstart_data(),
             "strategy": {"kind": kind, "layers": 1, "r": 4},
             "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "logging_steps": 4, "output_dir": str(tmp_path)}
             | train,

@@ -25,6 +25,14 @@ async def open_runs(app, pilot) -> RunsScreen:  # type: ignore[no-untyped-def]
     return app.screen
 
 
+async def open_run(app, pilot) -> RunDetailScreen:  # type: ignore[no-untyped-def]
+    """From the runs screen, open the run under the cursor."""
+    await pilot.press("enter")
+    await pilot.pause()
+    assert isinstance(app.screen, RunDetailScreen)
+    return app.screen
+
+
 async def test_runs_are_listed_newest_first_with_status_and_best_metric(tmp_path: Path) -> None:
     write_run(tmp_path, "older", strategy="head", accuracy=0.6, started=FIXED_TIME - 3600)
     write_run(tmp_path, "newer", strategy="lora", accuracy=0.8)
@@ -45,10 +53,7 @@ async def test_a_run_written_by_another_process_is_followed(tmp_path: Path) -> N
     async with app.run_test(size=(100, 30)) as pilot:
         screen = await open_runs(app, pilot)
         assert screen.runs[0].status == "running"
-        await pilot.press("enter")
-        await pilot.pause()
-        detail = app.screen
-        assert isinstance(detail, RunDetailScreen)
+        detail = await open_run(app, pilot)
         history = detail.run.history
         assert history.status == "running" and history.losses == [0.9, 0.8]
 
@@ -98,10 +103,7 @@ async def test_an_open_run_is_followed_live_through_its_end_and_a_resume(tmp_pat
     app = make_app(runs_dir=tmp_path)
     async with app.run_test(size=(100, 30)) as pilot:
         await open_runs(app, pilot)
-        await pilot.press("enter")
-        await pilot.pause()
-        detail = app.screen
-        assert isinstance(detail, RunDetailScreen)
+        detail = await open_run(app, pilot)
         history = detail.run.history
         assert history.status == "running" and history.losses == [0.9, 0.8]
 
@@ -126,10 +128,8 @@ async def test_an_open_run_whose_process_died_shows_interrupted(tmp_path: Path) 
     app = make_app(runs_dir=tmp_path)
     async with app.run_test(size=(100, 30)) as pilot:
         await open_runs(app, pilot)
-        await pilot.press("enter")
-        await pilot.pause()
-        detail = app.screen
-        assert isinstance(detail, RunDetailScreen) and detail.run.history.status == "running"
+        detail = await open_run(app, pilot)
+        assert detail.run.history.status == "running"
         process = subprocess.Popen([sys.executable, "-c", "pass"])
         process.wait()
         write_pid(run_dir, process.pid)  # the process training it is gone without a final event

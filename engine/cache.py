@@ -14,9 +14,8 @@ into place, so a reader sees a complete entry or none. Deleting the folders is a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.fsio import write_atomic
 from engine.models import cache_dir, resolve_model
 
 CACHE_FORMAT = 1
@@ -106,14 +106,9 @@ def features_path(key: str) -> Path:
 def save_array(path: Path, array: np.ndarray) -> None:
     """Write one `.npy` cache entry atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            np.save(out, array)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_array(path: Path) -> np.ndarray | None:

@@ -19,38 +19,15 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from engine.config import ConfigError, RunConfig, load_config, read_preset_file
-from engine.distributed import LAUNCHED_ENV
+from engine.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_STOPPED
+from engine.parallel import LAUNCHED_ENV
 from engine.preflight import check_run_config
+from engine.presets import bundled_presets, resolve_preset
 from engine.runs import check_resumable, load_run_config, override_resumed_config
-from engine.sinks import (
-    EventSink,
-    GuardedSink,
-    JsonLinesSink,
-    RichProgressSink,
-    TextLogSink,
-    freeze_map_table,
-    memory_table,
-)
+from engine.sinks import EventSink, GuardedSink, JsonLinesSink
+from engine.views import RichProgressSink, TextLogSink, freeze_map_table, memory_table
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 SUBCOMMANDS = ("run", "attach", "inspect", "eval", "presets")
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-
-
-def bundled_presets() -> list[Path]:
-    return sorted(PRESETS_DIR.glob("*.toml"))
-
-
-def resolve_preset(name_or_path: str) -> Path:
-    """A preset file path, or the name of a bundled preset (`quickstart` -> presets/quickstart.toml)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    bundled = PRESETS_DIR / f"{name_or_path}.toml"
-    if bundled.is_file():
-        return bundled
-    names = ", ".join(p.stem for p in bundled_presets())
-    raise ConfigError(f"{name_or_path}: no such preset file or bundled preset (bundled: {names})")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -84,35 +61,39 @@ def _install_stop_handlers(stop_event: threading.Event, received: list[int], *, 
     signal.signal(signal.SIGHUP, signal.SIG_IGN if detached_child else request_stop)
 
 
+def _check_resume(args: argparse.Namespace) -> Path:
+    """The run directory `--resume` continues, checked (and its config updated with the allowed `--set`s)."""
+    options = {
+        "PRESET": args.preset,
+        "--model": args.model,
+        "--strategy": args.strategy,
+        "--output-dir": args.output_dir,
+    }
+    given = [flag for flag, value in options.items() if value]
+    if given:
+        raise ConfigError(f"--resume continues a run with the config.toml in its directory; drop {', '.join(given)}")
+    run_dir = Path(args.resume)
+    if args.nproc and args.nproc != load_run_config(run_dir).train.nproc:
+        raise ConfigError(
+            f"--nproc {args.nproc}: the run trains with train.nproc = {load_run_config(run_dir).train.nproc} "
+            "(its checkpoints hold that global batch); drop --nproc"
+        )
+    if args.set:
+        override_resumed_config(run_dir, args.set)
+    else:
+        check_resumable(run_dir)
+    return run_dir
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config: RunConfig | None = None
     if args.resume:
-        options = {
-            "PRESET": args.preset,
-            "--model": args.model,
-            "--strategy": args.strategy,
-            "--output-dir": args.output_dir,
-        }
-        given = [flag for flag, value in options.items() if value]
-        if given:
-            raise ConfigError(
-                f"--resume continues a run with the config.toml in its directory; drop {', '.join(given)}"
-            )
-        run_dir = Path(args.resume)
-        if args.nproc and args.nproc != load_run_config(run_dir).train.nproc:
-            raise ConfigError(
-                f"--nproc {args.nproc}: the run trains with train.nproc = {load_run_config(run_dir).train.nproc} "
-                "(its checkpoints hold that global batch); drop --nproc"
-            )
-        if args.set:
-            override_resumed_config(run_dir, args.set)
-        else:
-            check_resumable(run_dir)
+        run_dir = _check_resume(args)
     else:
         config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
         check_run_config(config, args.output_dir)
     if args.detach:
-        from engine.detach import resume_detached, start_detached
+        from engine.api import resume_detached, start_detached
 
         started = resume_detached(run_dir) if config is None else start_detached(config, output_dir=args.output_dir)
         if args.json:
@@ -128,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     received: list[int] = []
     if not os.environ.get(LAUNCHED_ENV):  # a worker of `--nproc` stops through the stop file; SIGTERM ends it
         _install_stop_handlers(stop_event, received, detached_child=args.detached_child)
-    from engine.trainer import resume_training, run_training
+    from engine.api import resume_training, run_training
 
     if received and config is not None:
         return 128 + received[0]  # stopped while starting up: nothing was created
@@ -145,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     """Follow a run (usually a detached one) live; Ctrl-C asks it to stop, a second Ctrl-C leaves it running."""
-    from engine.detach import ProcessVanished, follow_run
+    from engine.launch.follow import ProcessVanished, follow_run
 
     run_dir = Path(args.run_dir)
     sink = GuardedSink(JsonLinesSink() if args.json else RichProgressSink(show_errors=True))
@@ -155,7 +136,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         interrupts.append(signum)
         if len(interrupts) > 1:
             sys.stderr.write(f"finetui: left {run_dir}; it goes on stopping (finetui attach to follow it again)\n")
-            os._exit(EXIT_INTERRUPTED)
+            os._exit(EXIT_STOPPED)
 
     def on_stop_sent(sent: bool) -> None:
         if sent:
@@ -182,7 +163,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _print_json(report)
         return 0
     console = Console()
-    console.print(f"[bold]{report['model']}[/] with strategy [bold]{report['strategy']}[/]")
+    console.print(f"[bold]model[/]     {report['model']}", overflow="fold")
+    console.print(f"[bold]strategy[/]  {report['strategy']}")
     console.print(freeze_map_table(report))
     if report.get("memory"):
         console.print(memory_table(report["memory"]))
@@ -190,13 +172,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from engine.trainer import evaluate_run
+    from engine.inference.evaluate import evaluate_run
 
     metrics = evaluate_run(Path(args.run_dir), args.data, args.set)
     if args.json:
         _print_json(metrics)
     else:
-        Console().print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        Console().print("  ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
 
 
@@ -293,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write("finetui: interrupted\n")
-        return EXIT_INTERRUPTED
+        return EXIT_STOPPED
     except Exception as exc:
         if os.environ.get("FINETUI_DEBUG"):
             raise

@@ -254,7 +254,17 @@ def _error_line(error: Any) -> str:
     got = error.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     prefix = "" if message.startswith(location) else f"{location}: "
-    return f"{prefix}{message}{shown}"
+    return f"{prefix}{message}{shown}{_as_a_list(location, error)}"
+
+
+def _as_a_list(location: str, error: Any) -> str:
+    """For a single name given where a list is wanted: the `--set` that works (a TOML list, shell-quoted)."""
+    got = error.get("input")
+    wants_list = error["type"] == "list_type" or "list of" in error["msg"]
+    if not isinstance(got, str) or not wants_list or got in ("auto", "all-linear"):
+        return ""
+    items = ", ".join(f'"{item.strip()}"' for item in got.split(",") if item.strip())
+    return f"; as a list: --set '{location}=[{items}]'"
 
 
 def _field_path(error: Any) -> str:

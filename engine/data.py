@@ -33,8 +33,8 @@ from transformers import (
 
 from engine import cache as cache_lib
 from engine.config import ConfigError, DataConfig
-from engine.runs import publish_dir
-from engine.sources import FORMAT_BY_SUFFIX, is_hub_dataset, looks_like_data_path
+from engine.fsio import publish_dir
+from engine.sources import FORMAT_BY_SUFFIX, is_hub_dataset, looks_like_data_path, unknown_format_message
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 INTEGER = re.compile(r"[+-]?\d+")
@@ -321,10 +321,7 @@ def _load_hub_split(dataset_id: str, config_name: str | None, split: str) -> Dat
 def _read_file(path: Path, fmt: str, header: bool | None) -> Dataset:
     kind = FORMAT_BY_SUFFIX.get(path.suffix.lower()) if fmt == "auto" else fmt
     if kind not in FORMAT_BY_SUFFIX.values():
-        raise DataError(
-            f"{path}: cannot tell the format from the extension {path.suffix!r}; "
-            "set data.format to csv, tsv, json, jsonl or parquet"
-        )
+        raise DataError(f"{path}: {unknown_format_message(path.suffix)}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     if kind == "parquet":
@@ -422,31 +419,7 @@ def _detect_header(first: list[str], rest: list[list[str]]) -> bool:
 
 
 def _read_json(path: Path, text: str, *, whole_document: bool) -> Dataset:
-    if whole_document:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
-        for index, record in enumerate(records):
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: item {index} of the list is not a JSON object")
-        origins = [f"item {index} of the list" for index in range(len(records))]
-    else:
-        records, origins = [], []
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip(" \t\r"):
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}: line {number} is not valid JSON ({exc.msg}, column {exc.colno}); "
-                    "expected one JSON object per line"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: line {number} is not a JSON object; expected one object per line")
-            records.append(record)
-            origins.append(f"line {number}")
+    records, origins = _json_document(path, text) if whole_document else _json_lines(path, text)
     if not records:
         raise DataError(f"{path}: holds no rows")
     names = dict.fromkeys(name for record in records for name in record)
@@ -458,6 +431,38 @@ def _read_json(path: Path, text: str, *, whole_document: bool) -> Dataset:
         ) from None
     except UnicodeEncodeError:
         raise DataError(f"{path}: {_unencodable_record(records, origins)}") from None
+
+
+def _json_document(path: Path, text: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The objects of a JSON list, and where each one is ("item 3 of the list")."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: item {index} of the list is not a JSON object")
+    return records, [f"item {index} of the list" for index in range(len(records))]
+
+
+def _json_lines(path: Path, text: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The objects of a JSON-lines text, and where each one is ("line 3")."""
+    records, origins = [], []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip(" \t\r"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}: line {number} is not valid JSON ({exc.msg}, column {exc.colno}); "
+                "expected one JSON object per line"
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number} is not a JSON object; expected one object per line")
+        records.append(record)
+        origins.append(f"line {number}")
+    return records, origins
 
 
 def _unencodable_record(records: list[dict[str, Any]], origins: list[str]) -> str:
@@ -632,7 +637,8 @@ def _classification_encoder(
 
 def _causal_layout(cfg: DataConfig, splits: dict[str, Dataset]) -> str:
     """Which columns carry the examples: `text` (template none), `alpaca` or `prompt_response`."""
-    columns = splits["train"].column_names
+    role, first = next(iter(splits.items()))  # train, or the one file `finetui eval` scores
+    columns = first.column_names
     if cfg.template == "none" and cfg.text_field in columns:
         layout, fields = "text", {"text_field": cfg.text_field}
     elif cfg.instruction_field in columns and cfg.output_field in columns:
@@ -642,7 +648,7 @@ def _causal_layout(cfg: DataConfig, splits: dict[str, Dataset]) -> str:
     else:
         plain = ' (or data.template = "none" for plain text)' if cfg.text_field in columns else ""
         raise DataError(
-            f"data.train: causal data needs columns {cfg.instruction_field}+{cfg.output_field} or "
+            f"data.{role}: causal data needs columns {cfg.instruction_field}+{cfg.output_field} or "
             f"{cfg.prompt_field}+{cfg.response_field} (columns: {', '.join(columns)}); set data.*_field{plain}"
         )
     _require_columns(splits, fields)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
+"""Exit codes of `finetui` and of a run: done, training failed, bad input, stopped (SIGINT; 143/129 for
+SIGTERM/SIGHUP are 128 + the signal)."""
+BUSY_CPU_PERCENT = 30.0
+"""Other processes taking this share of the machine's CPU (`cpu_others_percent`) slow training down: views say so."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +72,24 @@ class Step(Event):
     gpu_memory_mb: float | None = None  # CUDA memory of rank 0's GPU: allocated now, reserved by the allocator,
     gpu_reserved_mb: float | None = None  # and the peak allocated since training (this session) began
     gpu_peak_mb: float | None = None
+    cpu_others_percent: float | None = None  # the machine's CPU other processes took since the last event
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress(Event):
+    """Where training is between two logged steps (`step` events come every `train.logging_steps`): sent after the
+    first step and then at most about once a second, so that progress, speed and ETA move from the first step."""
+
+    type: ClassVar[str] = "progress"
+    step: int
+    max_steps: int
+    epoch: float
+    samples_per_second: float
+    tokens_per_second: float
+    elapsed_s: float
+    eta_s: float | None
+    memory_rss_mb: float | None = None
+    cpu_others_percent: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +133,7 @@ class RunStopped(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (RunStarted, Log, FreezeMapReady, Step, Eval, Checkpoint, RunFinished, RunFailed, RunStopped)
+    for cls in (RunStarted, Log, FreezeMapReady, Step, Progress, Eval, Checkpoint, RunFinished, RunFailed, RunStopped)
 }
 
 
@@ -117,3 +142,24 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     cls = EVENT_TYPES[data["type"]]
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def exit_code_of(event: Event) -> int:
+    """The exit code a run ending with `event` (run_finished, run_stopped or run_failed) has."""
+    if isinstance(event, RunFinished):
+        return EXIT_OK
+    if isinstance(event, RunStopped):
+        return EXIT_STOPPED
+    if isinstance(event, RunFailed):
+        return EXIT_BAD_INPUT if event.user_error else EXIT_FAILED
+    raise ValueError(f"not a terminal event: {event.type}")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run (or a session of it) ended: what `run_training` and `resume_training` return."""
+
+    status: Literal["finished", "stopped", "failed"]
+    run_dir: Path
+    summary: dict[str, Any]
+    exit_code: int

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.architecture import find_blocks, output_module_names, unwrap
+from engine.models import new_weights
 
 GroupKind = Literal["embeddings", "block", "head", "other"]
 ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
@@ -30,6 +31,8 @@ class LayerGroup:
     trainable: int
     dtype: str
     quantization: str | None
+    new: bool = False
+    """Newly initialised for this task (not in the checkpoint): a task head, a pooler the checkpoint lacked."""
 
 
 @dataclass(frozen=True)
@@ -193,32 +196,7 @@ def compute_freeze_map(
         if frozen_linear_4bit
         else set()
     )
-    group_of = parameter_groups(model)
-    groups: dict[str, dict[str, Any]] = {}
-    for full_name, parameter in model.named_parameters():
-        group_name, kind = group_of[full_name]
-        group = groups.setdefault(
-            group_name, {"kind": kind, "total": 0, "trainable": 0, "dtypes": Counter(), "quantization": None}
-        )
-        count = parameter_count(parameter)
-        group["total"] += count
-        group["trainable"] += count if parameter.requires_grad else 0
-        group["dtypes"][str(parameter.dtype).removeprefix("torch.")] += count
-        group["quantization"] = group["quantization"] or _quantization(parameter)
-        if id(parameter) in planned:
-            group["quantization"] = frozen_linear_4bit
-
-    layers = [
-        LayerGroup(
-            name=name,
-            kind=group["kind"],
-            total=group["total"],
-            trainable=group["trainable"],
-            dtype=group["dtypes"].most_common(1)[0][0],
-            quantization=group["quantization"],
-        )
-        for name, group in groups.items()
-    ]
+    layers = _layer_groups(model, planned, frozen_linear_4bit)
     total = sum(layer.total for layer in layers)
     trainable = sum(layer.trainable for layer in layers)
     memory = None
@@ -240,6 +218,56 @@ def compute_freeze_map(
         trainable_percent=100.0 * trainable / total if total else 0.0,
         memory=memory,
     )
+
+
+def _layer_groups(model: nn.Module, planned: set[int], planned_quantization: str | None) -> list[LayerGroup]:
+    """The parameters of `model` summed per freeze-map group, in the order the groups first appear."""
+    group_of = parameter_groups(model)
+    new = new_weights(unwrap(model))
+    prefix = _relative_prefix(model)
+    groups: dict[str, dict[str, Any]] = {}
+    for full_name, parameter in model.named_parameters():
+        group_name, kind = group_of[full_name]
+        group = groups.setdefault(
+            group_name,
+            {
+                "kind": kind,
+                "total": 0,
+                "trainable": 0,
+                "dtypes": Counter(),
+                "quantization": None,
+                "new": new is not None,
+            },
+        )
+        if group["new"] and _base_name(full_name.removeprefix(prefix)) not in new:  # type: ignore[operator]
+            group["new"] = False
+        count = parameter_count(parameter)
+        group["total"] += count
+        group["trainable"] += count if parameter.requires_grad else 0
+        group["dtypes"][str(parameter.dtype).removeprefix("torch.")] += count
+        group["quantization"] = group["quantization"] or _quantization(parameter)
+        if id(parameter) in planned:
+            group["quantization"] = planned_quantization
+    return [
+        LayerGroup(
+            name=name,
+            kind=group["kind"],
+            total=group["total"],
+            trainable=group["trainable"],
+            dtype=group["dtypes"].most_common(1)[0][0],
+            quantization=group["quantization"],
+            new=group["new"],
+        )
+        for name, group in groups.items()
+    ]
+
+
+def _base_name(name: str) -> str:
+    """A parameter's name in the plain model: peft's copies and wrappers (`modules_to_save.default.`,
+    `base_layer.`, `original_module.`) left out."""
+    for inner in (".modules_to_save.default.", ".original_module.", ".base_layer."):
+        name = name.replace(inner, ".")
+    return name
 
 
 def _planned_4bit_weights(model: nn.Module, heads: list[str], prefix: str) -> set[int]:
@@ -286,7 +314,7 @@ def estimate_memory(
       keeps s*b*h*(34 + 5*a*s/h) * x/2 bytes (Korthikanti et al. 2022, counted for 16-bit activations);
       with gradient checkpointing the blocks keep only their input (s*b*h*x each) plus one block's full
       activations during recomputation. A causal LM adds its logits and their gradient, 2*b*s*vocab*4 bytes.
-    - `processes` > 1 (`engine.distributed.sharding`): plain DDP replicates everything and keeps a second copy of
+    - `processes` > 1 (`engine.parallel.sharding`): plain DDP replicates everything and keeps a second copy of
       the gradients in its all-reduce buckets; ZeRO-1 divides the optimizer states by the process count, ZeRO-2 and
       FSDP shard_grad_op the gradients too, ZeRO-3 and FSDP full_shard the weights as well.
     """
@@ -296,23 +324,10 @@ def estimate_memory(
     gradients = sum(parameter.numel() * parameter.element_size() for parameter in trainable)
     optimizer = ADAMW_STATE_BYTES * sum(parameter.numel() for parameter in trainable)
 
-    base = unwrap(model)
-    config = getattr(base, "config", None)
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
-    heads = int(getattr(config, "num_attention_heads", 0) or 1)
-    input_embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    element = input_embeddings.weight.element_size() if input_embeddings is not None else 4
-    tokens = batch_size * seq_len
-    per_block = int(tokens * hidden * (34 + 5 * heads * seq_len / max(hidden, 1)) * element / 2)
     backward_blocks, all_blocks = _blocks_needing_backward(layers)
-    if gradient_checkpointing and backward_blocks:
-        activations = backward_blocks * tokens * hidden * element + per_block
-    else:
-        activations = backward_blocks * per_block
-    get_output = getattr(base, "get_output_embeddings", None)
-    if callable(get_output) and get_output() is not None and trainable:
-        activations += 2 * tokens * int(getattr(config, "vocab_size", 0) or 0) * 4
-
+    activations = _activation_bytes(
+        unwrap(model), backward_blocks, batch_size, seq_len, gradient_checkpointing, trains=bool(trainable)
+    )
     parallel = ""
     if processes > 1:
         shard = {"none": 0, "optimizer": 1, "gradients": 2, "full": 3}[sharding]
@@ -335,3 +350,24 @@ def estimate_memory(
         total_bytes=weights + gradients + optimizer + activations,
         note=note,
     )
+
+
+def _activation_bytes(
+    base: nn.Module, backward_blocks: int, batch_size: int, seq_len: int, gradient_checkpointing: bool, *, trains: bool
+) -> int:
+    """Activations kept for the backward pass (the formula in `estimate_memory`'s docstring)."""
+    config = getattr(base, "config", None)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 0) or 1)
+    input_embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    element = input_embeddings.weight.element_size() if input_embeddings is not None else 4
+    tokens = batch_size * seq_len
+    per_block = int(tokens * hidden * (34 + 5 * heads * seq_len / max(hidden, 1)) * element / 2)
+    if gradient_checkpointing and backward_blocks:
+        activations = backward_blocks * tokens * hidden * element + per_block
+    else:
+        activations = backward_blocks * per_block
+    get_output = getattr(base, "get_output_embeddings", None)
+    if callable(get_output) and get_output() is not None and trains:
+        activations += 2 * tokens * int(getattr(config, "vocab_size", 0) or 0) * 4
+    return activations

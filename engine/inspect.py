@@ -10,16 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from engine.config import RunConfig
+from engine.freeze_map import compute_freeze_map
+from engine.library_logs import quiet_library_output
+from engine.models import build_meta_model, resolve_task
+from engine.parallel import sharding
+from engine.strategies import get_strategy
 
 
 def inspect_config(config: RunConfig) -> dict[str, Any]:
     """`FreezeMap.to_dict()` of the config's model and strategy, plus `model` and `strategy` keys."""
-    from engine.distributed import sharding
-    from engine.freeze_map import compute_freeze_map
-    from engine.models import build_meta_model, resolve_task
-    from engine.strategies import get_strategy
-    from engine.trainer import quiet_library_output
-
     quiet_library_output()
     config = config.with_task(resolve_task(config.model))
     strategy = get_strategy(config.strategy, config.model.task)

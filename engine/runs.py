@@ -9,7 +9,7 @@ Layout of `<output_dir>/<name>-<YYYYmmdd-HHMMSS>/`:
     summary.json    status, metrics and speed (written atomically at the start and the end)
     pid             the id of the process training the run, while it runs ("signals" on a second line when
                     SIGINT stops it cleanly, as for the CLI)
-    stop            created by `finetui attach` (engine.detach.request_stop) to ask the run to stop
+    stop            created by `finetui attach` (engine.launch.follow.request_stop) to ask the run to stop
     run.log         stdout and stderr of a detached run (`finetui run --detach`)
     error.log       the traceback of a failed run
 """
@@ -20,9 +20,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ import tomli_w
 
 from engine.config import ConfigError, RunConfig, build_config, config_to_dict, parse_override, read_preset_file
 from engine.events import Event, event_from_dict
+from engine.fsio import write_atomic
+from engine.parallel import owns_pid_file
 
 CONFIG_FILE = "config.toml"
 EVENTS_FILE = "events.jsonl"
@@ -46,82 +47,6 @@ STAGING_DIR = ".staging"
 TERMINAL_STATUSES = ("finished", "failed", "stopped")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _TRAINER_STATE = "trainer_state.json"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new one, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def publish_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder under a temporary name, then rename it to `target`, so readers see all of it or nothing.
-
-    When two processes build the same folder at once, the first rename wins and the other copy is discarded.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(staging)
-        staging.chmod(0o755)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file under `path`, then the directories, so a completed rename never exposes lost data."""
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(root))
-
-
-def replace_dir(staged: Path, target: Path) -> None:
-    """Move the complete directory `staged` to `target`, replacing an old `target` without a moment of neither.
-
-    The old one is first renamed aside (`.old-<name>`) and deleted after the new one is in place. A kill
-    between the two renames leaves the old one complete under `.old-<name>`, and `clean_partial_writes` puts
-    it back.
-    """
-    old = target.parent / f".old-{target.name}"
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staged, target)
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -231,9 +156,25 @@ def stops_on_signal(run_dir: Path) -> bool:
         return False
 
 
-def stop_requested_by_file(run_dir: Path) -> bool:
-    """Whether another process asked this run to stop by creating `stop` in its directory (`request_stop`)."""
-    return (run_dir / STOP_FILE).exists()
+class StopRequested(Exception):
+    """Raised where a run checks for a stop request between steps (loading, evaluating, embedding)."""
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """Whether a run has been asked to stop: by its caller (`event`, set by the CLI's signal handlers or the
+    TUI) or by another process, which creates the `stop` file in the run directory (`engine.launch.follow`)."""
+
+    run_dir: Path
+    event: threading.Event | None = None
+
+    def __call__(self) -> bool:
+        return (self.event is not None and self.event.is_set()) or (self.run_dir / STOP_FILE).exists()
+
+    def check(self) -> None:
+        """Raise StopRequested when a stop was asked for."""
+        if self():
+            raise StopRequested
 
 
 def remove_pid(run_dir: Path, pid: int | None = None) -> None:
@@ -352,8 +293,6 @@ def check_resumable(run_dir: Path) -> RunConfig:
     summary = read_summary(run_dir) or {}
     if summary.get("status") == "finished":
         raise ConfigError(f"{run_dir}: the run already finished; nothing to resume (start a new run instead)")
-    from engine.distributed import owns_pid_file
-
     pid = live_pid(run_dir)
     if pid is not None and pid != os.getpid() and owns_pid_file():  # a worker's pid file names its launcher
         raise ConfigError(f"{run_dir}: the run is still running (pid {pid}); follow it with finetui attach {run_dir}")

@@ -8,6 +8,7 @@ load them.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,48 @@ def looks_like_data_path(source: str) -> bool:
     )
 
 
+def unknown_format_message(suffix: str) -> str:
+    return f"cannot tell the format from the extension {suffix!r}; set data.format to csv, tsv, json, jsonl or parquet"
+
+
 def is_hub_dataset(source: str) -> bool:
     """Whether `source` names a hub dataset (no such local path, and shaped like `name` or `owner/name`)."""
     return (
         not Path(source).expanduser().exists() and not looks_like_data_path(source) and bool(HUB_ID.fullmatch(source))
     )
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers (never when HF_HUB_OFFLINE is set). Asked once per process, so that an
+    offline machine fails at once instead of retrying every request with back-off for half a minute."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # no network, no DNS, a proxy refusing: all mean the same here
+        return False
+    return True
+
+
+def offline_hub_message(model_id: str) -> str:
+    return (
+        f"model.id: {model_id}: the Hugging Face hub is not reachable (offline?) and this model is not in the local "
+        "cache; give --model a local model folder (for inspect, a folder holding its config.json is enough)"
+    )
+
+
+def check_hub_model(model_id: str, revision: str | None = None) -> None:
+    """A hub model must be reachable or already in the local cache (a ModelError otherwise, found in seconds)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if hub_reachable():
+        return
+    if not isinstance(try_to_load_from_cache(model_id, "config.json", revision=revision), str):
+        raise ModelError(offline_hub_message(model_id))

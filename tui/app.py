@@ -1,11 +1,9 @@
 """The finetui app: four screens (setup, freeze map, training, runs) around one setup and one live run.
 
-The app owns the state the screens share: the current setup (a raw preset dict, validated with the engine's
-pydantic models) and the live run, which trains in a thread worker (`engine.trainer.run_training`) with a sink
-that posts coalesced messages (`tui.sink`). A detached run trains in its own process session
-(`engine.detach.start_detached`) and outlives the app; a thread worker follows its events.jsonl
-(`engine.detach.follow_run`) into the same sink, so the training screen shows it the same way. Torch,
-transformers and datasets are imported only inside workers, so the first screen paints before any of them loads.
+The app owns what the screens share and hands it down: the current setup (a raw preset dict, validated with the
+engine's pydantic models; changes are announced on `setup_signal`) and the live run (`tui.session.LiveRun`,
+`app.session`). Besides, it holds the modes, the keys and the command palette, presets, the first paint and
+quitting. Screens never change these fields themselves: they call the app's methods or `app.session`.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,22 +19,20 @@ from typing import Any, ClassVar
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
-from textual.message import Message
 from textual.reactive import var
 from textual.screen import Screen
 from textual.signal import Signal
 from textual.worker import Worker, WorkerState
 
 from engine.config import ConfigError, build_config, field_errors
-from engine.events import Log, Step
 from tui.form import relativize_paths
 from tui.heavy import load_engine
-from tui.history import RunHistory
+from tui.messages import EngineEvents, RunDetached, RunEnded, SetupChanged
 from tui.presets import default_preset_path, load_preset, preset_files, save_preset
-from tui.screens.base import MainScreen, one_line
+from tui.screens.base import one_line
 from tui.screens.dialogs import ConfirmScreen, PresetPickerScreen, SavePresetScreen
 from tui.screens.setup import SetupScreen
-from tui.sink import EngineEvents, MessageSink
+from tui.session import LiveRun
 
 BANNER_INTERVAL_S = 1.0
 HEAVY_MODULES = ("torch", "transformers", "peft", "datasets")
@@ -46,22 +41,6 @@ HEAVY_MODULES = ("torch", "transformers", "peft", "datasets")
 def _screen(module: str, name: str) -> Screen:
     """A mode's screen, its module imported when first shown (the first paint needs only the setup screen)."""
     return getattr(importlib.import_module(f"tui.screens.{module}"), name)()
-
-
-class RunEnded(Message):
-    """The run's worker is done (the sink has already delivered the run's last event)."""
-
-    def __init__(self, run_id: int) -> None:
-        super().__init__()
-        self.run_id = run_id
-
-
-class RunDetached(Message):
-    """A detached run's process started, training `run_dir`."""
-
-    def __init__(self, run_id: int, run_dir: Path) -> None:
-        super().__init__()
-        self.run_id, self.run_dir = run_id, run_dir
 
 
 class FinetuiApp(App[None]):
@@ -103,18 +82,10 @@ class FinetuiApp(App[None]):
         self.setup_data: dict[str, Any] = relativize_paths(setup) if setup is not None else {}
         if preset is not None and setup is None:
             self.setup_data = load_preset(preset)
-        self.setup_version = 0
+        self.setup_signal: Signal[SetupChanged] = Signal(self, "setup")
+        """Published on every change of `setup_data`."""
         self.runs_dir = runs_dir
-        self.history: RunHistory | None = None
-        self.run_signal: Signal[RunHistory] = Signal(self, "run")
-        self.events_signal: Signal[list[Any]] = Signal(self, "events")
-        self._run_id = 0
-        self._stop_event: threading.Event | None = None
-        self._leave_event: threading.Event | None = None
-        self.detached = False
-        """The current run trains in a process of its own (started detached, or attached from the runs screen)."""
-        self.stopping: set[Path] = set()
-        """Runs of other processes this app asked to stop (resolved run directories)."""
+        self.session = LiveRun(self)
         self._quit_after_run = False
         self._banner_dirty = False
         self.first_paint: tuple[float, list[str]] | None = None
@@ -143,10 +114,7 @@ class FinetuiApp(App[None]):
     def on_unmount(self) -> None:
         """The app is closing: an active run of its own stops at its next step (the worker thread cannot be
         killed); a detached run goes on, only following it ends."""
-        if self.detached and self._leave_event is not None:
-            self._leave_event.set()
-        elif self._stop_event is not None:
-            self._stop_event.set()
+        self.session.leave()
 
     def _refresh_banner(self) -> None:
         if self._banner_dirty:
@@ -154,19 +122,18 @@ class FinetuiApp(App[None]):
 
     # the shared setup
 
-    def update_setup(self, data: dict[str, Any]) -> None:
+    def update_setup(self, data: dict[str, Any], *, origin: object | None = None) -> None:
+        """An edit of the setup (a field, a toggled freeze-map row) made by `origin`, which shows it already."""
         self.setup_data = data
-        self.setup_version += 1
+        self.setup_signal.publish(SetupChanged(origin))
 
     def replace_setup(self, data: dict[str, Any], source: Path | None = None) -> None:
         """A new setup (a loaded preset): every screen shows it, the current one at once."""
-        self.update_setup(data)
+        self.setup_data = data
         if source is not None:
             self.preset_path = source
             self.sub_title = source.stem
-        screen = self.screen
-        if isinstance(screen, MainScreen) and hasattr(screen, "setup_replaced"):
-            screen.setup_replaced()
+        self.setup_signal.publish(SetupChanged(None))
 
     def action_load_preset(self) -> None:
         def chosen(path: Path | None) -> None:
@@ -216,11 +183,7 @@ class FinetuiApp(App[None]):
             default = default.relative_to(Path.cwd())
         self.push_screen(SavePresetScreen(default), chosen)
 
-    # the live run
-
-    @property
-    def run_active(self) -> bool:
-        return self.history is not None and self.history.active
+    # the live run (tui.session.LiveRun)
 
     def action_start_run(self) -> None:
         self._start_new(detached=False)
@@ -230,8 +193,7 @@ class FinetuiApp(App[None]):
         self._start_new(detached=True)
 
     def _start_new(self, *, detached: bool) -> None:
-        if self.run_active:
-            self.notify("a run is already active (F3 shows it)", severity="warning")
+        if self._refuse_when_busy():
             self.switch_mode("train")
             return
         errors = field_errors(self.setup_data)
@@ -239,158 +201,71 @@ class FinetuiApp(App[None]):
             self.notify(f"fix the setup first: {next(iter(errors.values()))}", title="start", severity="error")
             self.switch_mode("setup")
             return
-        config = build_config(self.setup_data)
-        history = RunHistory(name=config.name, model=config.model.id, strategy=config.strategy.kind, status="starting")
-        sink = self._begin(history, detached=detached)
-        assert self._stop_event is not None and self._leave_event is not None
-        if detached:
-            self._run_detached(config, sink, self._stop_event, self._leave_event, self._run_id)
-        else:
-            self._train(config, sink, self._stop_event, self._run_id)
-
-    def _begin(self, history: RunHistory, *, detached: bool) -> MessageSink:
-        """`history` becomes the app's run, shown on the training screen; returns the sink for its events."""
-        self._run_id += 1
-        self._stop_event = threading.Event()
-        self._leave_event = threading.Event()
-        self.detached = detached
         self._quit_after_run = False
-        self.history = history
-        self._set_banner()
-        self.switch_mode("train")
-        self.run_signal.publish(history)
-        return MessageSink(self, self._run_id)
+        self.session.start(build_config(self.setup_data), detached=detached)
+        self._show_run()
 
     def resume_run(self, run_dir: Path) -> None:
-        """Continue a stopped, failed or interrupted run in its own directory (`engine.trainer.resume_training`)."""
-        from engine.runs import check_resumable, read_events
-
-        if self.run_active:
-            self.notify("a run is already active (F3 shows it)", severity="warning")
+        """Continue a stopped, failed or interrupted run in its own directory (`engine.api.resume_training`)."""
+        if self._refuse_when_busy():
             return
         try:
-            check_resumable(run_dir)
+            self.session.resume(run_dir)
         except ConfigError as exc:
             self.notify(str(exc), title="resume", severity="error")
             return
-        history = RunHistory(run_dir=str(run_dir))
-        for event in read_events(run_dir):  # the curves so far; the resumed run appends to them
-            history.apply(event)
-        history.status, history.error, history.ended_at = "starting", None, None
-        sink = self._begin(history, detached=False)
-        assert self._stop_event is not None
-        self._resume(run_dir, sink, self._stop_event, self._run_id)
+        self._show_run()
 
     def attach_run(self, run_dir: Path) -> None:
         """Follow a run that another process trains (a detached run, `finetui run` in a shell) on the training
         screen, as `finetui attach` does: stop asks it to stop, quitting the app leaves it running."""
-        from engine.events import RunStarted
-        from engine.runs import live_pid, read_events
-
-        if self._is_current(run_dir):
+        if self.session.is_current(run_dir):
             self.switch_mode("train")
             return
-        if self.run_active:
+        if self._refuse_when_busy():
+            return
+        try:
+            self.session.attach(run_dir)
+        except ConfigError as exc:
+            self.notify(str(exc), severity="warning")
+            return
+        self._show_run()
+
+    def _refuse_when_busy(self) -> bool:
+        if self.session.active:
             self.notify("a run is already active (F3 shows it)", severity="warning")
-            return
-        if live_pid(run_dir) is None:
-            self.notify(f"{run_dir.name} is not running (enter opens it)", severity="warning")
-            return
-        history = RunHistory(run_dir=str(run_dir))
-        events = read_events(run_dir)
-        starts = [index for index, event in enumerate(events) if isinstance(event, RunStarted)]
-        for event in events[: starts[-1] if starts else 0]:  # earlier sessions; following replays the last one
-            history.apply(event)
-        history.status, history.error, history.ended_at = "starting", None, None
-        sink = self._begin(history, detached=True)
-        assert self._stop_event is not None and self._leave_event is not None
-        self._follow_attached(run_dir, sink, self._stop_event, self._leave_event, self._run_id)
+        return self.session.active
 
-    def _is_current(self, run_dir: Path) -> bool:
-        """Whether `run_dir` is the app's active run."""
-        history = self.history
-        return (
-            self.run_active
-            and history is not None
-            and history.run_dir is not None
-            and (Path(history.run_dir).resolve() == run_dir.resolve())
-        )
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="run", name="training")
-    def _resume(self, run_dir: Path, sink: MessageSink, stop_event: threading.Event, run_id: int) -> None:
-        load_engine()
-        from engine.trainer import resume_training
-
-        resume_training(run_dir, sink, stop_event=stop_event)
-        self.post_message(RunEnded(run_id))
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="run", name="training")
-    def _train(self, config: Any, sink: MessageSink, stop_event: threading.Event, run_id: int) -> None:
-        load_engine()
-        from engine.trainer import run_training
-
-        run_training(config, sink, stop_event=stop_event)
-        self.post_message(RunEnded(run_id))
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="run", name="background run")
-    def _run_detached(
-        self, config: Any, sink: MessageSink, stop_event: threading.Event, leave: threading.Event, run_id: int
-    ) -> None:
-        load_engine()  # preparing the run directory resolves the task, with transformers
-        from engine.detach import start_detached
-
-        run_dir = start_detached(config)
-        self.post_message(RunDetached(run_id, run_dir))
-        self._follow(run_dir, sink, stop_event, leave, run_id)
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="run", name="attached run")
-    def _follow_attached(
-        self, run_dir: Path, sink: MessageSink, stop_event: threading.Event, leave: threading.Event, run_id: int
-    ) -> None:
-        self._follow(run_dir, sink, stop_event, leave, run_id)
-
-    def _follow(
-        self, run_dir: Path, sink: MessageSink, stop_event: threading.Event, leave: threading.Event, run_id: int
-    ) -> None:
-        """Follow the run's events.jsonl into `sink` until it ends (or the app closes); stop asks it to stop."""
-        from engine.detach import follow_run
-
-        if follow_run(run_dir, sink, should_stop=stop_event.is_set, should_leave=leave.is_set) is not None:
-            self.post_message(RunEnded(run_id))
+    def _show_run(self) -> None:
+        self._quit_after_run = False
+        self._set_banner()
+        self.switch_mode("train")
 
     def on_run_detached(self, message: RunDetached) -> None:
-        if message.run_id == self._run_id and self.history is not None and self.history.run_dir is None:
-            self.history.run_dir = str(message.run_dir)
-            self.run_signal.publish(self.history)
+        self.session.detached_to(message)
 
     def on_engine_events(self, message: EngineEvents) -> None:
-        events = message.sink.drain()
-        if message.sink.run_id != self._run_id or self.history is None or not events:
+        events = self.session.apply(message.sink)
+        if not events:
             return
-        for event in events:
-            self.history.apply(event)
         self._banner_dirty = True
-        if any(not isinstance(event, Step | Log) for event in events):
+        if not LiveRun.only_progress(events):
             self._set_banner()
-        self.events_signal.publish(events)
 
     def on_run_ended(self, message: RunEnded) -> None:
-        if message.run_id == self._run_id:
+        if self.session.owns(message):
             self._run_over()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The run worker raised (a ConfigError before the run directory existed, or a bug): show it, go on."""
         if event.worker.group != "run" or event.state not in (WorkerState.ERROR, WorkerState.CANCELLED):
             return
-        if self.history is not None and self.history.active:
-            message = one_line(event.worker.error) if event.state == WorkerState.ERROR else "cancelled"
-            self.history.fail(message)
-            self.run_signal.publish(self.history)
+        self.session.worker_failed(one_line(event.worker.error) if event.state == WorkerState.ERROR else "cancelled")
         self._run_over()
 
     def _run_over(self) -> None:
         self._set_banner()
-        history = self.history
+        history = self.session.history
         if history is not None and history.status == "failed" and history.error:
             self.notify(history.error, title="run failed", severity="error", timeout=10)
         elif history is not None and history.status in ("finished", "stopped"):
@@ -400,38 +275,19 @@ class FinetuiApp(App[None]):
 
     def _set_banner(self) -> None:
         self._banner_dirty = False
-        history = self.history
-        if history is None:
-            self.run_banner = ""
-            return
-        step = history.last_step
-        progress = f" {step.step}/{step.max_steps}" if step is not None else ""
-        stopping = self._stop_event is not None and self._stop_event.is_set() and history.active
-        where = " (bg)" if self.detached else ""  # a background run; short: the mode bar has ~25 columns at 80
-        banner = {
-            "starting": f"[b $accent]● starting{where}[/]",
-            "running": f"[b $accent]● training{progress}{where}[/]",
-            "finished": "[b $success]✓ finished[/]",
-            "stopped": "[b $warning]■ stopped[/]",
-            "failed": "[b $error]✗ failed[/]",
-        }.get(history.status, "")
-        self.run_banner = "[b $warning]● stopping…[/]" if stopping else banner
+        self.run_banner = self.session.banner()
 
     def action_stop_run(self) -> None:
-        if not self.run_active or self._stop_event is None:
+        if not self.session.active:
             self.notify("no active run", severity="warning")
             return
-        if self._stop_event.is_set():
+        if self.session.stopping:
             self.notify("already stopping: the run stops at the next step")
             return
-        stop_event = self._stop_event
 
         def answer(stop: bool | None) -> None:
-            if stop and self.run_active:
-                stop_event.set()
-                if self.history is not None:
-                    self.history.stop_requested = True
-                    self.run_signal.publish(self.history)
+            if stop and self.session.active:
+                self.session.stop()
                 self._set_banner()
                 self.notify("stopping at the next step (a checkpoint is saved)")
 
@@ -442,15 +298,13 @@ class FinetuiApp(App[None]):
 
     def stop_run_dir(self, run_dir: Path) -> None:
         """Ask the process training `run_dir` to stop (confirm first): the app's own run, or another process's
-        (a detached run, `finetui run` in a shell: `engine.detach.request_stop`)."""
-        from engine.detach import request_stop
+        (a detached run, `finetui run` in a shell: `engine.launch.follow.request_stop`)."""
         from engine.runs import live_pid
 
-        if self._is_current(run_dir):
+        if self.session.is_current(run_dir):
             self.action_stop_run()
             return
-        resolved = run_dir.resolve()
-        if resolved in self.stopping and live_pid(run_dir) is not None:
+        if self.session.stopping_other(run_dir):
             self.notify(f"{run_dir.name} is stopping already")
             return
         pid = live_pid(run_dir)
@@ -461,8 +315,7 @@ class FinetuiApp(App[None]):
         def answer(stop: bool | None) -> None:
             if not stop:
                 return
-            if request_stop(run_dir):
-                self.stopping.add(resolved)
+            if self.session.stop_other(run_dir):
                 self.notify(f"{run_dir.name}: stopping at its next step (a checkpoint is saved)")
             else:
                 self.notify(f"{run_dir.name} ended meanwhile")
@@ -477,11 +330,12 @@ class FinetuiApp(App[None]):
         )
 
     async def action_quit(self) -> None:
-        if not self.run_active or self._stop_event is None:
+        session = self.session
+        if not session.active:
             self.exit()
             return
-        if self.detached:
-            run_dir = self.history.run_dir if self.history is not None else None
+        if session.detached:
+            run_dir = session.history.run_dir if session.history is not None else None
             if run_dir is None:
                 self.notify("the background run is starting: quit once it has its run directory", severity="warning")
                 return
@@ -490,12 +344,11 @@ class FinetuiApp(App[None]):
         if self._quit_after_run:
             self.notify("waiting for the run to stop at its next step…")
             return
-        stop_event = self._stop_event
 
         def answer(quit_: bool | None) -> None:
-            if quit_ and self.run_active:
+            if quit_ and session.active:
                 self._quit_after_run = True
-                stop_event.set()
+                session.stop()
                 self._set_banner()
                 self.notify("stopping the run (checkpoint), then quitting…")
             elif quit_:

@@ -26,9 +26,6 @@ def load_engine() -> None:
     with _lock:
         if _loaded:
             return
-        import engine.data
-        import engine.inspect
-        import engine.trainer  # noqa: F401  (imports torch, transformers, peft, datasets, sklearn)
 
         # Half a million long-lived objects now: a full garbage collection would scan them all (~0.3 s with the
         # GIL held, a frozen UI). Frozen, they are left out of every collection.

@@ -19,6 +19,7 @@ from engine.events import (
     Event,
     FreezeMapReady,
     Log,
+    Progress,
     RunFailed,
     RunFinished,
     RunStarted,
@@ -46,6 +47,9 @@ class RunHistory:
     lrs: list[float] = field(default_factory=list)
     evals: list[Eval] = field(default_factory=list)
     last_step: Step | None = None
+    """The last logged step (loss, learning rate)."""
+    position: Step | Progress | None = None
+    """Where training is: the last `step` or `progress` event (step, speed, ETA, memory)."""
     journal: deque[Event] = field(default_factory=lambda: deque(maxlen=MAX_LOG_LINES))
     """What the log pane shows, in order: log lines, evaluations, checkpoints, start and end."""
     freeze_map: dict[str, Any] | None = None
@@ -70,30 +74,40 @@ class RunHistory:
             self.journal.append(event)
         match event:
             case RunStarted():
-                self.run_dir, self.name, self.model = event.run_dir, event.name, event.model
-                self.strategy, self.task, self.config = event.strategy, event.task, event.config
-                self.status, self.started_at = "running", event.time
-                self.error = self.ended_at = self.summary = None
-                self.stop_requested = False
-                if event.resumed_from_step is not None:  # steps after the checkpoint run again
-                    self._truncate(event.resumed_from_step)
+                self._started(event)
             case Step():
                 self.steps.append(event.step)
                 self.losses.append(event.loss)
                 self.lrs.append(event.lr)
-                self.last_step = event
+                self.last_step = self.position = event
+            case Progress():
+                self.position = event
             case Eval():
                 self.evals.append(event)
             case FreezeMapReady():
                 self.freeze_map = event.freeze_map
             case Checkpoint():
                 self.checkpoint = event.path
-            case RunFinished():
-                self.status, self.summary, self.ended_at = "finished", event.summary, event.time
-            case RunStopped():
-                self.status, self.checkpoint, self.ended_at = "stopped", event.checkpoint, event.time
-            case RunFailed():
-                self.status, self.error, self.ended_at = "failed", event.error, event.time
+            case RunFinished() | RunStopped() | RunFailed():
+                self._ended(event)
+
+    def _ended(self, event: RunFinished | RunStopped | RunFailed) -> None:
+        self.ended_at = event.time
+        if isinstance(event, RunFinished):
+            self.status, self.summary = "finished", event.summary
+        elif isinstance(event, RunStopped):
+            self.status, self.checkpoint = "stopped", event.checkpoint
+        else:
+            self.status, self.error = "failed", event.error
+
+    def _started(self, event: RunStarted) -> None:
+        self.run_dir, self.name, self.model = event.run_dir, event.name, event.model
+        self.strategy, self.task, self.config = event.strategy, event.task, event.config
+        self.status, self.started_at = "running", event.time
+        self.error = self.ended_at = self.summary = None
+        self.stop_requested = False
+        if event.resumed_from_step is not None:  # steps after the checkpoint run again
+            self._truncate(event.resumed_from_step)
 
     def _truncate(self, step: int) -> None:
         keep = [index for index, logged in enumerate(self.steps) if logged <= step]
@@ -121,7 +135,7 @@ class RunHistory:
 
     @property
     def max_steps(self) -> int | None:
-        return self.last_step.max_steps if self.last_step else None
+        return self.position.max_steps if self.position else None
 
     def elapsed(self, now: float | None = None) -> float | None:
         """Seconds since the run started: up to its end once ended, up to `now` while it runs."""
@@ -138,15 +152,6 @@ def best_metric(summary: dict[str, Any] | None) -> tuple[str, float] | None:
         if name in metrics:
             return name, float(metrics[name])
     return None
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def format_params(count: int) -> str:

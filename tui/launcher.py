@@ -15,6 +15,7 @@ import threading
 
 from engine.cli import SUBCOMMANDS
 from engine.cli import main as cli_main
+from engine.events import EXIT_BAD_INPUT
 
 USAGE = f"""usage: finetui [PRESET]   open the app (with a preset file or a bundled preset loaded)
        finetui {{{",".join(SUBCOMMANDS)}}} ...   headless commands (finetui COMMAND --help)
@@ -30,13 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         return cli_main(args)
     if len(args) > 1:
         sys.stderr.write(f"finetui: error: expected at most one preset, got {' '.join(args)}\n{USAGE}")
-        return 2
+        return EXIT_BAD_INPUT
     return open_app(args[0] if args else None)
 
 
 def open_app(preset: str | None) -> int:
-    from engine.cli import resolve_preset
     from engine.config import ConfigError
+    from engine.presets import resolve_preset
 
     try:
         path = resolve_preset(preset) if preset else None
@@ -48,7 +49,7 @@ def open_app(preset: str | None) -> int:
             setup = None
     except ConfigError as exc:
         sys.stderr.write(f"finetui: error: {exc}\n")
-        return 2
+        return EXIT_BAD_INPUT
     from tui.app import create_app
 
     app = create_app(path, setup=setup)

@@ -6,15 +6,14 @@ without `overwrite`, the file is linked into place, which fails if the name was 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from engine.cli import PRESETS_DIR, bundled_presets
 from engine.config import ConfigError, read_preset_file
+from engine.fsio import write_atomic
+from engine.presets import PRESETS_DIR, bundled_presets
 from tui.form import PATH_KEYS, get_value, relativize_paths, with_value
 
 
@@ -76,17 +75,5 @@ def save_preset(data: dict[str, Any], path: Path, *, overwrite: bool = False) ->
     if not overwrite and path.exists():
         raise FileExistsError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = tomli_w.dumps(_portable_paths(data, path))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if the name was taken meanwhile: never clobbers
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, tomli_w.dumps(_portable_paths(data, path)), overwrite=overwrite)
     return path

@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import threading
 
-from textual.message import Message
 from textual.message_pump import MessagePump
 
 from engine.events import Event
-
-
-class EngineEvents(Message):
-    """Engine events are waiting in `sink`; `sink.drain()` takes them."""
-
-    def __init__(self, sink: MessageSink) -> None:
-        super().__init__()
-        self.sink = sink
+from tui.messages import EngineEvents
 
 
 class MessageSink:

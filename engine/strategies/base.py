@@ -1,20 +1,24 @@
 """What every fine-tuning strategy looks like to the trainer, and the freezing they share.
 
-A strategy decides which parameters of a loaded model learn: it may ask for a quantised load first
-(`quantization_config`), then `prepare` freezes the model or wraps it in adapters and returns the module to
-train. The trainer never needs to know which strategy it runs beyond `is_peft` (save an adapter, not the
-whole model) and `trains_with_trainer` (feature extraction fits a classifier instead of running the Trainer).
+A strategy decides which parameters of a loaded model learn: `load_model` loads it the way the strategy needs
+(4-bit for QLoRA, a bf16 frozen base for adapters on GPUs), then `prepare` freezes the model or wraps it in
+adapters and returns the module to train. The training session knows a strategy only by what it declares:
+`is_peft` (save an adapter, not the whole model), `trains_with_trainer` (feature extraction fits a classifier
+instead of running the Trainer) and `caches_frozen_prefix` (its frozen lower layers can be computed once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from engine.config import ConfigError, StrategyConfig
+from engine.config import ConfigError, ModelConfig, StrategyConfig
+from engine.models import load_model
 
 
 class StrategyError(ConfigError):
@@ -27,6 +31,8 @@ class Strategy:
     kind: ClassVar[str]
     is_peft: ClassVar[bool] = False
     trains_with_trainer: ClassVar[bool] = True
+    caches_frozen_prefix: ClassVar[bool] = False
+    """Whole layers train on top of frozen ones (`train.cache_frozen` can compute the frozen part once)."""
 
     def __init__(self, config: StrategyConfig, task: str) -> None:
         self.config = config
@@ -36,9 +42,35 @@ class Strategy:
         """The `quantization_config` to load the model with; None loads it unquantised."""
         return None
 
+    def load_model(
+        self,
+        model: ModelConfig,
+        *,
+        num_labels: int | None,
+        label_names: list[str] | None,
+        device: str,
+        precision: str,
+        device_map: str | None = None,
+    ) -> PreTrainedModel:
+        """Load the model as this strategy trains it: quantised when `quantization_config` says so, and adapter
+        strategies keep a frozen bf16 base when training in bf16."""
+        dtype = torch.bfloat16 if precision == "bf16" and self.is_peft else torch.float32
+        return load_model(
+            model,
+            num_labels=num_labels if self.task == "classification" else None,
+            label_names=label_names,
+            quantization_config=self.quantization_config(on_cuda=device == "cuda"),
+            dtype=dtype,
+            device_map=device_map,
+        )
+
     def prepare(self, model: PreTrainedModel) -> nn.Module:
         """Freeze or wrap the loaded model and return the module to train."""
         raise NotImplementedError
+
+    def name_base(self, saved: Path, base_id: str) -> None:
+        """Make the model saved in `saved` name its base model `base_id` (a saved adapter points at the model it
+        adapts; the other strategies save whole models)."""
 
     def prepare_meta(self, model: PreTrainedModel) -> nn.Module:
         """`prepare` for a model built on the meta device from its config alone (`finetui inspect`)."""

@@ -21,6 +21,7 @@ _LISTED_IN_ERRORS = 8
 
 class CustomStrategy(Strategy):
     kind: ClassVar[str] = "custom"
+    caches_frozen_prefix: ClassVar[bool] = True
 
     def prepare(self, model: PreTrainedModel) -> nn.Module:
         groups = {name: group for name, (group, _kind) in parameter_groups(model).items()}

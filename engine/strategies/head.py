@@ -19,6 +19,7 @@ from engine.strategies.base import Strategy, train_only
 
 class HeadStrategy(Strategy):
     kind: ClassVar[str] = "head"
+    caches_frozen_prefix: ClassVar[bool] = True
 
     def prepare(self, model: PreTrainedModel) -> nn.Module:
         return train_only(model, output_module_names(model, self.task))

@@ -18,6 +18,7 @@ from engine.strategies.base import Strategy, StrategyError, train_only
 
 class LastLayersStrategy(Strategy):
     kind: ClassVar[str] = "last_layers"
+    caches_frozen_prefix: ClassVar[bool] = True
 
     def prepare(self, model: PreTrainedModel) -> nn.Module:
         try:

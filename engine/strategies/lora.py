@@ -11,15 +11,18 @@ rank, especially at low ranks, for somewhat slower steps. For classification the
 
 from __future__ import annotations
 
-import warnings
+import json
+from pathlib import Path
 from typing import ClassVar
 
 from peft import LoraConfig, TaskType, get_peft_model
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from engine.architecture import auto_target_modules, output_module_names
+from engine.models import new_weights
 from engine.strategies.base import Strategy, StrategyError
 
 # Layer types peft's LoRA can wrap (bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear).
@@ -32,13 +35,14 @@ class LoraStrategy(Strategy):
     use_dora: ClassVar[bool] = False
 
     def prepare(self, model: PreTrainedModel) -> nn.Module:
-        config = self.lora_config(model)
-        with warnings.catch_warnings():
-            # peft 0.21 still reads transformers' deprecated `is_gradient_checkpointing`.
-            warnings.filterwarnings(
-                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-            )
-            return get_peft_model(model, config)
+        return get_peft_model(model, self.lora_config(model))
+
+    def name_base(self, saved: Path, base_id: str) -> None:
+        # Written after saving: while saving, peft looks the base model up (on the hub, for a hub id).
+        path = saved / ADAPTER_CONFIG
+        adapter = json.loads(path.read_text(encoding="utf-8"))
+        adapter["base_model_name_or_path"] = base_id
+        path.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     def lora_config(self, model: PreTrainedModel) -> LoraConfig:
         """The peft LoraConfig for this model, with `auto` targets resolved and list targets checked."""
@@ -50,8 +54,18 @@ class LoraStrategy(Strategy):
             lora_dropout=self.config.dropout,
             target_modules=self.target_modules(model),
             use_dora=self.use_dora,
-            modules_to_save=output_module_names(model, self.task) if classification else None,
+            modules_to_save=self.trained_heads(model) if classification else None,
         )
+
+    def trained_heads(self, model: PreTrainedModel) -> list[str]:
+        """The output layers that train fully beside the adapters: the task head, which starts from random
+        weights, and a pooler only when the checkpoint had none (a pretrained pooler stays frozen, as in peft)."""
+        new = new_weights(model)
+        return [
+            name
+            for name in output_module_names(model, self.task)
+            if not name.endswith(".pooler") or new is None or any(key.startswith(f"{name}.") for key in new)
+        ]
 
     def target_modules(self, model: PreTrainedModel) -> str | list[str]:
         """`all-linear` as is (peft expands it, leaving out the output layer), `auto` resolved, lists checked."""

@@ -13,8 +13,9 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,6 +58,13 @@ def _write_files(work: Path) -> dict[str, Path]:
     fake = work / "fake_bnb" / "bitsandbytes"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('libbitsandbytes_cpu.so: cannot open shared object file')\n")
+    files["fake_bnb"] = fake.parent
+    no_torch = work / "no_torch" / "torch"
+    no_torch.mkdir(parents=True)
+    (no_torch / "__init__.py").write_text("raise ImportError('torch was imported before the bad input was found')\n")
+    files["no_torch"] = no_torch.parent
+    files["unknown_suffix"] = work / "sentences.test"
+    files["unknown_suffix"].write_text("".join(f"{i % 2} sentence {i}\n" for i in range(20)))
     finished = work / "runs" / "done-20240101-000000"
     finished.mkdir(parents=True)
     (finished / "config.toml").write_text('name = "done"\n')
@@ -65,16 +73,29 @@ def _write_files(work: Path) -> dict[str, Path]:
     return files
 
 
+TINY = ("--model", "builtin:tiny-bert", "--strategy", "head", "--set", "train.max_steps=1")
+
+
 def _cases(work: Path) -> dict[str, Case]:
-    f = _write_files(work)
+    files = _write_files(work)
 
     def run(name: str, *args: str, train: Path | str | None = None) -> list[str]:
         data = ["--set", f"data.train={json.dumps(str(train))}"] if train is not None else []
         return ["run", *args, *data, "--output-dir", str(work / "out" / name)]
 
-    tiny = ("--model", "builtin:tiny-bert", "--strategy", "head", "--set", "train.max_steps=1")
+    # Mistakes in the command line, the preset or the paths are found before torch is imported: these cases run
+    # with a `torch` that fails to import.
+    before_torch = {**_config_cases(files, run), **_path_cases(work, files, run)}
+    no_torch = {"PYTHONPATH": str(files["no_torch"])}
     return {
-        # found before anything is loaded: no run directory
+        **{name: replace(case, env={**case.env, **no_torch}) for name, case in before_torch.items()},
+        **_loading_cases(files, run),
+    }
+
+
+def _config_cases(f: dict[str, Path], run: Any) -> dict[str, Case]:
+    """Found before anything is loaded, in the preset or the command line: no run directory."""
+    return {
         "preset_not_found": Case(run("preset_not_found", "no-such-preset"), "no such preset file or bundled preset"),
         "toml_syntax_error": Case(
             run("toml_syntax_error", str(f["bad_toml"])), "TOML syntax error: Invalid value (at line 3, column 6)"
@@ -103,6 +124,13 @@ def _cases(work: Path) -> dict[str, Case]:
             run("fp16_refused", "--set", "train.precision=fp16", train=f["good"]), "pure fp16 training diverges"
         ),
         "no_training_data": Case(run("no_training_data", "--strategy", "head"), "data.train: no training data"),
+    }
+
+
+def _path_cases(work: Path, f: dict[str, Path], run: Any) -> dict[str, Case]:
+    """Found before anything is loaded, in the paths, or when the model's config is read: no run directory."""
+    tiny = TINY
+    return {
         "missing_data_file": Case(
             run("missing_data_file", *tiny, train=work / "nope.jsonl"), "nope.jsonl: no such file"
         ),
@@ -112,6 +140,10 @@ def _cases(work: Path) -> dict[str, Case]:
         ),
         "data_is_a_directory": Case(run("data_is_a_directory", *tiny, train=work), "is a directory; give a data file"),
         "empty_file": Case(run("empty_file", *tiny, train=f["empty"]), "empty.jsonl: the file is empty"),
+        "unknown_file_format": Case(
+            run("unknown_file_format", *tiny, train=f["unknown_suffix"]),
+            "cannot tell the format from the extension '.test'; set data.format",
+        ),
         "model_dir_without_model": Case(
             run("model_dir_without_model", "--model", str(work / "no_model"), train=f["good"]),
             "holds no model (no config.json)",
@@ -150,9 +182,15 @@ def _cases(work: Path) -> dict[str, Case]:
         # found when the model's config is read: no run directory either
         "hub_model_not_found_offline": Case(
             run("hub_model_not_found_offline", "--model", "nobody-xyz/no-such-model", train=f["good"]),
-            "could not load nobody-xyz/no-such-model from the hub (no network?)",
+            "nobody-xyz/no-such-model: the Hugging Face hub is not reachable (offline?)",
         ),
-        # found when the data or the model is read: a run directory marked failed
+    }
+
+
+def _loading_cases(f: dict[str, Path], run: Any) -> dict[str, Case]:
+    """Found when the data or the model is read: a run directory marked failed."""
+    tiny = TINY
+    return {
         "wrong_columns": Case(
             run("wrong_columns", *tiny, train=f["columns"]),
             "no column 'text' (columns: sentence, label); set data.text_field",
@@ -204,7 +242,7 @@ def _cases(work: Path) -> dict[str, Case]:
             run("qlora_without_bitsandbytes", "--model", "builtin:tiny-llama", "--strategy", "qlora", train=f["good"]),
             "qlora cannot use bitsandbytes",
             True,
-            {"PYTHONPATH": str(work / "fake_bnb")},
+            {"PYTHONPATH": str(f["fake_bnb"])},
         ),
     }
 
@@ -237,7 +275,8 @@ def outcomes(
 CASE_NAMES = [
     "preset_not_found", "toml_syntax_error", "unknown_strategy", "unknown_field", "unknown_section", "malformed_set",
     "r_out_of_range", "lr_out_of_range", "max_length_out_of_range", "fp16_refused", "no_training_data",
-    "missing_data_file", "missing_validation_file", "data_is_a_directory", "empty_file", "model_dir_without_model",
+    "missing_data_file", "missing_validation_file", "data_is_a_directory", "empty_file", "unknown_file_format",
+    "model_dir_without_model",
     "model_path_missing", "model_file_not_gguf", "unwritable_output_dir", "output_dir_is_a_run",
     "resume_finished_run", "resume_not_a_run", "resume_with_overrides", "attach_not_a_run",
     "hub_model_not_found_offline", "wrong_columns", "malformed_jsonl_line", "non_utf8_text",

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from engine import cache as cache_lib
+from engine.api import run_training
 from engine.config import DataConfig, ModelConfig, build_config
 from engine.data import prepare_data
 from engine.events import Log
 from engine.models import load_tokenizer, resolve_model
 from engine.sinks import ListSink
-from engine.trainer import run_training
 from tests.conftest import QUICKSTART_DATA, quickstart_data
 
 

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import bundled_presets, preset_keys
+from engine.cli import preset_keys
 from engine.config import ConfigError, build_config, load_config, parse_override
+from engine.presets import bundled_presets
 
 
 def test_every_bundled_preset_validates() -> None:

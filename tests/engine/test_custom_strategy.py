@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.api import run_training
 from engine.config import ConfigError, build_config, field_errors
 from engine.freeze_map import compute_freeze_map
 from engine.inspect import inspect_config
 from engine.models import load_model
 from engine.sinks import ListSink
 from engine.strategies import get_strategy
-from engine.trainer import run_training
 from tests.conftest import quickstart_data
 
 TOGGLED = ["bert.embeddings", "bert.encoder.layer.2", "classifier"]

@@ -25,7 +25,7 @@ from engine.data import (
     prepare_data,
     read_table,
 )
-from tests.conftest import SHARED
+from tests.conftest import SHARED, needs_shared
 
 SHARED_DATA = SHARED / "data"
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
@@ -137,6 +137,7 @@ def test_tsv_header_trailing_spaces_and_quotes_kept(tmp_path: Path) -> None:
     ]
 
 
+@needs_shared
 def test_real_sst2_dev_tsv() -> None:
     table = read_table(str(SHARED_DATA / "sst2" / "dev.tsv"))
     assert table.column_names == ["sentence", "label"]
@@ -167,6 +168,7 @@ def test_parquet_and_explicit_format(tmp_path: Path) -> None:
     assert read_table(source, fmt="tsv").num_rows == 2
 
 
+@needs_shared
 def test_real_rotten_tomatoes_and_alpaca_files() -> None:
     train = read_table(str(SHARED_DATA / "rotten_tomatoes" / "train.jsonl"))
     assert (train.num_rows, train.column_names) == (8530, ["text", "label"])
@@ -365,6 +367,7 @@ def test_null_text_and_missing_validation_file(tmp_path: Path, minilm: Any) -> N
     assert_one_line(missing, "data.validation:", "valid.jsonl: no such file")
 
 
+@needs_shared
 def test_real_rotten_tomatoes_prepares_8530_and_1066(minilm: Any) -> None:
     folder = SHARED_DATA / "rotten_tomatoes"
     cfg = DataConfig(train=str(folder / "train.jsonl"), validation=str(folder / "validation.jsonl"), max_length=128)
@@ -487,6 +490,7 @@ def test_causal_columns_missing(tmp_path: Path, byte_tokenizer: Any) -> None:
     assert_one_line(error, "causal data needs columns instruction+output or prompt+response", 'data.template = "none"')
 
 
+@needs_shared
 def test_real_alpaca_file_drops_exactly_the_overlong_prompts(byte_tokenizer: Any) -> None:
     source = SHARED_DATA / "alpaca_5000" / "alpaca_5000.json"
     rows = json.loads(source.read_text(encoding="utf-8"))

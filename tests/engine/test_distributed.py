@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 
+from engine.api import resume_training, run_training
 from engine.config import build_config
-from engine.distributed import launch_command, sharding
 from engine.events import Event, RunStarted, Step, event_from_dict
+from engine.launch.processes import launch_command
+from engine.parallel import sharding
 from engine.runs import complete_checkpoints, read_events, read_summary
 from engine.sinks import ListSink
-from engine.trainer import resume_training, run_training
 from tests.conftest import ROOT, quickstart_data
 
 TRAIN_ROWS, BATCH, EPOCHS, NPROC = 160, 8, 2, 2

@@ -14,7 +14,7 @@ from engine.architecture import output_module_names
 from engine.config import ModelConfig
 from engine.freeze_map import FreezeMap, compute_freeze_map
 from engine.models import build_meta_model, load_model
-from tests.conftest import SHARED
+from tests.conftest import SHARED, needs_shared
 
 CONFIGS = SHARED / "configs"
 LLAMA_7B = ModelConfig(id=str(CONFIGS / "meta-llama__Llama-2-7b-hf"), task="causal")
@@ -26,6 +26,7 @@ def train_only(model: nn.Module, prefixes: list[str]) -> None:
         parameter.requires_grad = any(name == prefix or name.startswith(f"{prefix}.") for prefix in prefixes)
 
 
+@needs_shared
 @pytest.mark.parametrize(
     ("rank", "trainable", "total"), [(8, 4_194_304, 6_742_609_920), (64, 33_554_432, 6_771_970_048)]
 )
@@ -49,6 +50,7 @@ def test_llama_7b_lora_counts_match_peft(rank: int, trainable: int, total: int) 
     assert freeze_map.memory is None
 
 
+@needs_shared
 def test_distilbert_head_only() -> None:
     model = build_meta_model(DISTILBERT, num_labels=2)
     train_only(model, output_module_names(model, "classification"))
@@ -149,6 +151,7 @@ def test_memory_estimate_formulas() -> None:
     assert "gradient checkpointing" in checkpointed.note
 
 
+@needs_shared
 def test_llama_7b_lora_memory_is_plausible() -> None:
     model = get_peft_model(
         build_meta_model(LLAMA_7B, num_labels=None, dtype=torch.bfloat16),
@@ -163,6 +166,7 @@ def test_llama_7b_lora_memory_is_plausible() -> None:
     assert 12.8 * gib < memory.total_bytes < 14 * gib
 
 
+@needs_shared
 def test_json_round_trip() -> None:
     model = build_meta_model(DISTILBERT, num_labels=2)
     train_only(model, output_module_names(model, "classification"))

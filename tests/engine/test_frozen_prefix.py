@@ -9,14 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import frozen_prefix
-from engine import trainer as trainer_lib
+from engine.api import run_training
 from engine.config import StrategyConfig, build_config
 from engine.data import prepare_data
 from engine.events import Log, Step
+from engine.inference.evaluate import evaluate_run
 from engine.models import load_model, load_tokenizer
 from engine.sinks import ListSink
 from engine.strategies import get_strategy
+from engine.training import frozen_prefix
+from engine.training import session as session_lib
 from tests.conftest import QUICKSTART_DATA, quickstart_data
 
 
@@ -68,7 +70,7 @@ def _messages(sink: ListSink) -> list[str]:
 def test_cached_top_part_trains_like_the_whole_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, kind: str
 ) -> None:
-    build_trainer = trainer_lib._build_trainer
+    build_trainer = session_lib.build_trainer
     # With `last_layers` the cached last block draws dropout masks for the first token only (the rows it computes),
     # so step-by-step equality needs dropout off there; `head` keeps dropout and matches mask for mask.
     without_dropout = kind == "last_layers"
@@ -83,11 +85,11 @@ def test_cached_top_part_trains_like_the_whole_model(
                     module.p = 0.0
         return build_trainer(config, model, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_lib, "_build_trainer", build)
+    monkeypatch.setattr(session_lib, "build_trainer", build)
     reference_sink = ListSink()
-    reference = trainer_lib.run_training(config_for(tmp_path, model, kind, False, "reference"), reference_sink)
+    reference = run_training(config_for(tmp_path, model, kind, False, "reference"), reference_sink)
     cached_sink = ListSink()
-    cached = trainer_lib.run_training(config_for(tmp_path, model, kind, True, "cached"), cached_sink)
+    cached = run_training(config_for(tmp_path, model, kind, True, "cached"), cached_sink)
     assert reference.status == cached.status == "finished", (reference.summary, cached.summary)
 
     assert any(message.startswith("computing the frozen layers once") for message in _messages(cached_sink))
@@ -106,8 +108,8 @@ def test_cached_top_part_trains_like_the_whole_model(
     assert saved.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    scored = trainer_lib.evaluate_run(cached.run_dir, str(QUICKSTART_DATA / "test.jsonl"))
-    expected_scores = trainer_lib.evaluate_run(reference.run_dir, str(QUICKSTART_DATA / "test.jsonl"))
+    scored = evaluate_run(cached.run_dir, str(QUICKSTART_DATA / "test.jsonl"))
+    expected_scores = evaluate_run(reference.run_dir, str(QUICKSTART_DATA / "test.jsonl"))
     assert scored["examples"] == expected_scores["examples"] == 80.0
     assert scored["loss"] == pytest.approx(expected_scores["loss"], rel=1e-4)
 
@@ -169,7 +171,7 @@ def test_what_is_not_cached_says_why() -> None:
 def test_a_cache_over_the_ram_budget_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(frozen_prefix, "ram_budget", lambda: 1024)
     sink = ListSink()
-    result = trainer_lib.run_training(config_for(tmp_path, "builtin:tiny-bert", "last_layers", True, "budget"), sink)
+    result = run_training(config_for(tmp_path, "builtin:tiny-bert", "last_layers", True, "budget"), sink)
     assert result.status == "finished", result.summary.get("error")
     warnings = [event.message for event in sink.of_type(Log) if event.level == "warning"]
     assert any("does not fit the RAM budget of 0 MB" in message for message in warnings)
@@ -179,7 +181,7 @@ def test_a_cache_over_the_ram_budget_falls_back(tmp_path: Path, monkeypatch: pyt
 
 def test_llama_classifier_falls_back_with_a_reason(tmp_path: Path) -> None:
     sink = ListSink()
-    result = trainer_lib.run_training(config_for(tmp_path, "builtin:tiny-llama", "head", True, "llama"), sink)
+    result = run_training(config_for(tmp_path, "builtin:tiny-llama", "head", True, "llama"), sink)
     assert result.status == "finished", result.summary.get("error")
     assert "frozen layers run at every step: the frozen-layer cache supports bert, distilbert models, not 'llama'" in (
         _messages(sink)

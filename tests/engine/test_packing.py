@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.api import run_training
 from engine.config import DataConfig, ModelConfig, build_config
 from engine.data import DataError, check_packing, prepare_data
 from engine.events import Log, Step
 from engine.models import load_model, load_tokenizer
 from engine.sinks import ListSink
-from engine.trainer import run_training
 
 ROWS = [
     '{"instruction": "Say hi", "output": "hi there"}',

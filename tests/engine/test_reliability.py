@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from engine.api import resume_training, run_training
 from engine.config import build_config
 from engine.events import Log, RunFailed, RunStarted, Step
 from engine.runs import (
@@ -36,7 +37,7 @@ from engine.runs import (
     write_summary,
 )
 from engine.sinks import JsonlFileSink, ListSink
-from engine.trainer import FinetuiTrainer, resume_training, run_training
+from engine.training.hf_trainer import FinetuiTrainer
 from tests.conftest import ROOT, quickstart_data
 
 STEPS = 20  # 2 epochs of 160 sentences in batches of 16
@@ -333,7 +334,7 @@ def test_detached_run_ignores_sighup_and_attach_follows_and_stops_it(tmp_path: P
 
 def test_request_stop_reaches_an_in_process_run_without_signalling_its_host(tmp_path: Path) -> None:
     """A run hosted by a long-lived process (the TUI) is stopped through the `stop` file, never by SIGINT."""
-    from engine.detach import request_stop
+    from engine.launch.follow import request_stop
 
     asked: list[bool] = []
 

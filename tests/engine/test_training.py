@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from engine.api import run_training
 from engine.config import build_config
 from engine.events import Checkpoint, Eval, FreezeMapReady, Log, RunFinished, RunStarted, Step, event_from_dict
+from engine.inference.evaluate import evaluate_run
 from engine.runs import read_events, read_summary
 from engine.sinks import ListSink
-from engine.trainer import evaluate_run, run_training
 from tests.conftest import QUICKSTART_DATA, quickstart_data
 
 

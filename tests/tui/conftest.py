@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import tomli_w
 
-from engine.cli import resolve_preset
 from engine.config import build_config, config_to_dict
 from engine.events import Eval, RunFinished, RunStarted, Step
+from engine.presets import resolve_preset
 from tests.conftest import ROOT
 from tui.app import FinetuiApp, create_app
 from tui.form import with_value

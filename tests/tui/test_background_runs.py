@@ -15,7 +15,7 @@ import psutil
 import pytest
 from textual.widgets import DataTable
 
-from engine.detach import start_detached
+from engine.api import start_detached
 from engine.events import RunStopped
 from engine.runs import live_pid, read_events, read_summary
 from tests.tui.conftest import make_app, plain, screen_text, tiny_setup, wait_for
@@ -50,8 +50,8 @@ async def test_a_background_run_survives_quitting_the_app_and_is_stopped_from_th
     app = make_app(tiny_setup(runs_dir, **LONG))
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("ctrl+t")
-        assert isinstance(app.screen, TrainScreen) and app.detached
-        history = app.history
+        assert isinstance(app.screen, TrainScreen) and app.session.detached
+        history = app.session.history
         assert history is not None
         await wait_for(pilot, lambda: len(history.steps) >= 2)  # followed from its events.jsonl
         assert "(bg)" in app.run_banner and "running" in plain(app.screen.query_one("#run-title"))
@@ -98,8 +98,8 @@ async def test_a_run_started_in_another_process_is_attached_and_stopped_from_the
         await app.workers.wait_for_complete()
         await pilot.pause()
         await pilot.press("a")
-        assert isinstance(app.screen, TrainScreen) and app.detached
-        history = app.history
+        assert isinstance(app.screen, TrainScreen) and app.session.detached
+        history = app.session.history
         assert history is not None and history.run_dir == str(run_dir)
         await wait_for(pilot, lambda: len(history.steps) >= 2)
         await pilot.press("s", "y")

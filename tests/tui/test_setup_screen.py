@@ -57,7 +57,7 @@ async def test_an_invalid_value_is_shown_next_to_its_field_and_blocks_the_start(
 
         await pilot.press("ctrl+r")  # refused: the app stays on the setup screen, nothing starts
         await pilot.pause()
-        assert app.history is None and isinstance(app.screen, SetupScreen)
+        assert app.session.history is None and isinstance(app.screen, SetupScreen)
 
         lr.value = "3e-4"
         await pilot.pause()

@@ -58,7 +58,7 @@ async def test_a_tiny_run_shows_its_loss_curve_finishes_and_reopens_from_the_run
         # a 6-step run may already be over on a fast machine: any state but idle shows it started
         assert any(state in app.run_banner for state in ("starting", "training", "finished"))
         await finish(app, pilot)
-        history = app.history
+        history = app.session.history
         assert history is not None and history.status == "finished", history and history.error
         assert history.steps == [1, 2, 3, 4, 5, 6] and len(history.losses) == 6
         view = app.screen.query_one(RunView)
@@ -100,13 +100,13 @@ async def test_stop_asks_then_stops_with_a_checkpoint_and_the_runs_screen_resume
         await pilot.press("f3")
         assert isinstance(app.screen, TrainScreen)
         await pilot.press("s")
-        assert isinstance(app.screen, ConfirmScreen) and app.run_active
+        assert isinstance(app.screen, ConfirmScreen) and app.session.active
         await pilot.press("n")  # not stopped
-        assert isinstance(app.screen, TrainScreen) and not app._stop_event.is_set()
+        assert isinstance(app.screen, TrainScreen) and not app.session.stop_event.is_set()
         await pilot.press("s", "y")
         release.set()
         await finish(app, pilot)
-        history = app.history
+        history = app.session.history
         assert history is not None and history.status == "stopped"
         assert history.checkpoint and Path(history.checkpoint).name == "checkpoint-2"  # the very next step
         run_dir = Path(history.run_dir or "")
@@ -119,7 +119,7 @@ async def test_stop_asks_then_stops_with_a_checkpoint_and_the_runs_screen_resume
         await pilot.press("R")  # resume it from its checkpoint, in the same directory
         assert isinstance(app.screen, TrainScreen)
         await finish(app, pilot)
-        resumed = app.history
+        resumed = app.session.history
         assert resumed is not None and resumed.status == "finished", resumed and resumed.error
         assert Path(resumed.run_dir or "") == run_dir and resumed.steps[-1] == 30
         assert resumed.steps == sorted(set(resumed.steps))  # the curve continues, no step twice
@@ -137,7 +137,7 @@ async def test_quitting_during_a_run_asks_first(
         await pilot.press("ctrl+q")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("n")
-        assert app.run_active and app.is_running
+        assert app.session.active and app.is_running
         await pilot.press("ctrl+q", "y")  # stop with a checkpoint, then quit
         assert app.is_running  # not before the run has stopped
         release.set()
@@ -145,8 +145,8 @@ async def test_quitting_during_a_run_asks_first(
         while app.return_code is None:  # the app quits by itself once the run stopped
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
-    assert app.history is not None and app.history.status == "stopped"
-    assert app.history.checkpoint and Path(app.history.checkpoint).name == "checkpoint-2"
+    assert app.session.history is not None and app.session.history.status == "stopped"
+    assert app.session.history.checkpoint and Path(app.session.history.checkpoint).name == "checkpoint-2"
     assert app.return_code == 0
 
 
@@ -157,7 +157,7 @@ async def test_a_failed_run_shows_its_error_and_the_app_stays_usable(tmp_path: P
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("ctrl+r")
         await finish(app, pilot)
-        history = app.history
+        history = app.session.history
         assert history is not None and history.status == "failed"
         assert history.error and "stars" in history.error and "\n" not in history.error
         view = app.screen.query_one(RunView)
@@ -169,7 +169,7 @@ async def test_a_failed_run_shows_its_error_and_the_app_stays_usable(tmp_path: P
         app.update_setup(setup_missing)
         await pilot.press("ctrl+r")  # fails before a run directory exists (ConfigError from the engine)
         await finish(app, pilot)
-        assert app.history.status == "failed" and "no/such/file.jsonl" in (app.history.error or "")
+        assert app.session.history.status == "failed" and "no/such/file.jsonl" in (app.session.history.error or "")
         await pilot.press("f1")
         assert isinstance(app.screen, SetupScreen)
 
@@ -195,11 +195,11 @@ async def test_a_feature_run_stops_while_it_embeds(tmp_path: Path, monkeypatch: 
         await pilot.press("ctrl+r")
         await wait_for(pilot, reached.is_set)
         await pilot.press("s", "y")
-        assert app.history is not None and app.history.stop_requested
+        assert app.session.history is not None and app.session.history.stop_requested
         assert "stopping" in plain(app.screen.query_one("#run-title", Label))
         release.set()
         await finish(app, pilot)
-        history = app.history
+        history = app.session.history
         assert history.status == "stopped", history.error
         assert batches == []  # stopped before the next batch: not one more forward pass
         assert not any(isinstance(e, Log) and "embeddings from the cache" in e.message for e in history.journal)

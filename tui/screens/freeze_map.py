@@ -14,12 +14,12 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
-from textual.message import Message
 from textual.widgets import Input, Label, Select, Static
 
-from engine.sinks import format_bytes, format_count
+from engine.views import format_bytes, format_count
 from tui.form import FIELDS_BY_KEY, LORA_KINDS, MISSING, effective_value, parse_text, to_text, with_value
 from tui.heavy import load_engine
+from tui.messages import FreezeMapComputed, SetupChanged
 from tui.screens.base import MainScreen
 from tui.widgets.freeze_table import FreezeMapTable
 from tui.widgets.mode_bar import ModeBar
@@ -39,12 +39,6 @@ MAP_KEYS = (
 )
 OPTION_OF_KIND = {"last_layers": "strategy.layers", **{kind: "strategy.r" for kind in LORA_KINDS}}
 SHORT_LABEL = {"strategy.layers": "layers", "strategy.r": "rank r"}
-
-
-class FreezeMapComputed(Message):
-    def __init__(self, key: str, report: dict[str, Any] | None, error: str | None = None) -> None:
-        super().__init__()
-        self.key, self.report, self.error = key, report, error
 
 
 def map_data(data: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +70,7 @@ class FreezeMapScreen(MainScreen):
         self.report: dict[str, Any] | None = None
         self.computed_key: str | None = None
         self.pending_key: str | None = None
-        self._seen_version = -1
+        self._stale = True  # the setup changed elsewhere since the map showed it
 
     def compose(self) -> ComposeResult:
         yield ModeBar("freeze")
@@ -107,14 +101,24 @@ class FreezeMapScreen(MainScreen):
         return to_text(FIELDS_BY_KEY[key], effective_value(self.finetui.setup_data, key))
 
     def on_mount(self) -> None:
+        self.finetui.setup_signal.subscribe(self, self._setup_changed)
         self.query_one(FreezeMapTable).focus()
 
-    def on_screen_resume(self) -> None:
-        if self._seen_version != self.finetui.setup_version:
-            self.setup_replaced()
+    def _setup_changed(self, change: SetupChanged) -> None:
+        if change.origin is self:
+            return
+        if self.is_current:
+            self.show_setup()
+        else:
+            self._stale = True
 
-    def setup_replaced(self) -> None:
-        self._seen_version = self.finetui.setup_version
+    def on_screen_resume(self) -> None:
+        if self._stale:
+            self.show_setup()
+
+    def show_setup(self) -> None:
+        """Show the app's setup: the controls, and its map (recomputed when its inputs changed)."""
+        self._stale = False
         self._show_controls()
         self.maybe_recompute()
 
@@ -138,8 +142,7 @@ class FreezeMapScreen(MainScreen):
     def _edit(self, key: str, value: Any) -> None:
         if value is MISSING:
             return
-        self.finetui.update_setup(with_value(self.finetui.setup_data, key, value))
-        self._seen_version = self.finetui.setup_version
+        self.finetui.update_setup(with_value(self.finetui.setup_data, key, value), origin=self)
         self.maybe_recompute()
 
     @on(Select.Changed, "#fm-kind")
@@ -263,8 +266,7 @@ class FreezeMapScreen(MainScreen):
         layers = self.report["layers"]
         ordered = [row["name"] for row in layers if row["name"] in chosen]
         data = with_value(self.finetui.setup_data, "strategy.kind", "custom")
-        self.finetui.update_setup(with_value(data, "strategy.trainable", ordered))
-        self._seen_version = self.finetui.setup_version
+        self.finetui.update_setup(with_value(data, "strategy.trainable", ordered), origin=self)
         # show the toggle at once; the exact map (memory included) follows from the worker
         rows = [dict(row, trainable=row["total"] if row["name"] in chosen else 0) for row in layers]
         total = sum(row["total"] for row in rows)

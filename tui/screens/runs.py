@@ -3,7 +3,7 @@
 Runs are read back from their folders (`engine.runs.list_runs`, `EventFollower`), never from memory, so a
 run started by `finetui run` in another shell, or by an app whose SSH session dropped, shows the same way,
 and one still being written is followed as it grows (and again when it is resumed). A run that another
-process trains can be stopped from here (`engine.detach.request_stop`) or followed on the training screen.
+process trains can be stopped from here (`engine.launch.follow.request_stop`) or followed on the training screen.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Label
 
 from engine.runs import EventFollower, RunInfo, list_runs, read_summary, run_status
+from engine.views import format_duration
 from tui.form import display_path, effective_value
-from tui.history import TERMINAL, RunHistory, best_metric, format_duration
+from tui.history import TERMINAL, RunHistory, best_metric
+from tui.messages import RunsListed
 from tui.screens.base import MainScreen
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.run_view import LossChart, RunView, series_of
@@ -32,12 +33,6 @@ if TYPE_CHECKING:
 
 REFRESH_S = 3.0
 FOLLOW_S = 0.5
-
-
-class RunsListed(Message):
-    def __init__(self, folder: Path, runs: list[RunInfo]) -> None:
-        super().__init__()
-        self.folder, self.runs = folder, runs
 
 
 def best_text(summary: dict[str, Any] | None) -> str:
@@ -103,8 +98,7 @@ class RunsScreen(MainScreen):
 
     def on_runs_listed(self, message: RunsListed) -> None:
         self.runs = message.runs
-        stopping = self.finetui.stopping
-        stopping -= {run.path.resolve() for run in self.runs if run.status != "running"}
+        session = self.finetui.session
         self.query_one("#runs-folder", Label).update(
             f"{len(self.runs)} runs in {display_path(str(message.folder))}/ · enter opens · space marks · "
             "c overlays the marked runs"
@@ -116,7 +110,7 @@ class RunsScreen(MainScreen):
             table.add_row(
                 "✓" if run.path in self.marked else "",
                 run.path.name,
-                "stopping…" if run.status == "running" and run.path.resolve() in stopping else run.status,
+                "stopping…" if run.status == "running" and session.stopping_other(run.path) else run.status,
                 run.strategy,
                 run.model.removeprefix("builtin:"),
                 best_text(run.summary),
@@ -238,11 +232,9 @@ class RunDetailScreen(Screen[None]):
             self.query_one(RunView).events_applied(history, events)
 
     def _note_stop_request(self) -> None:
-        history, path = self.run.history, self.run.path.resolve()
+        history = self.run.history
         if history.active:
-            history.stop_requested = path in self.finetui.stopping
-        else:
-            self.finetui.stopping.discard(path)
+            history.stop_requested = self.finetui.session.stopping_other(self.run.path)
 
     def action_stop(self) -> None:
         self.finetui.stop_run_dir(self.run.path)
@@ -285,8 +277,8 @@ class CompareScreen(Screen[None]):
             history = run.history
             summary = history.summary or {}
             speed = summary.get("train_samples_per_second")
-            if speed is None and history.last_step is not None:
-                speed = history.last_step.samples_per_second
+            if speed is None and history.position is not None:
+                speed = history.position.samples_per_second
             table.add_row(
                 history.label,
                 history.strategy,

@@ -13,7 +13,6 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select
 
@@ -32,6 +31,7 @@ from tui.form import (
     with_value,
 )
 from tui.heavy import load_engine
+from tui.messages import PreviewReady, SetupChanged
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import FilePickerScreen
 from tui.widgets.mode_bar import ModeBar
@@ -42,23 +42,6 @@ BROWSE_KEYS = ("data.train", "data.validation", "data.test")
 # narrow terminals stack the two columns; wide ones show them side by side
 LEFT_SECTIONS = ("Run", "Model", "Data")
 RIGHT_SECTIONS = ("Strategy", "Training")
-
-
-class PreviewReady(Message):
-    """The data preview worker read `source` (or failed with `error`)."""
-
-    def __init__(
-        self,
-        source: str,
-        *,
-        columns: list[str] | None = None,
-        num_rows: int = 0,
-        rows: list[dict[str, Any]] | None = None,
-        error: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.source, self.columns, self.num_rows = source, columns or [], num_rows
-        self.rows, self.error = rows or [], error
 
 
 def _cell(value: Any, width: int = 40) -> str:
@@ -76,7 +59,7 @@ class SetupScreen(MainScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self._seen_version = -1
+        self._stale = False  # the setup changed elsewhere since the fields showed it
         self._columns: list[str] = []
         self._preview_source: str | None = None
         self._shown_errors: dict[str, str] = {}
@@ -143,7 +126,7 @@ class SetupScreen(MainScreen):
                 compact=True,
             )
         elif field.kind == "bool":
-            widget = Checkbox("on", value=bool(value), id=field.widget_id, compact=True)
+            widget = Checkbox("", value=bool(value), id=field.widget_id, compact=True)
         else:
             widget = Input(
                 to_text(field, value), id=field.widget_id, compact=True, placeholder=self._placeholder(field)
@@ -163,22 +146,27 @@ class SetupScreen(MainScreen):
 
     def on_mount(self) -> None:
         # the widgets were composed showing the current setup already
-        self._seen_version = self.finetui.setup_version
+        self.finetui.setup_signal.subscribe(self, self._setup_changed)
         self._refresh_visibility()
         self.show_errors()
         self._maybe_preview()
 
-    def on_screen_resume(self) -> None:
-        if self._seen_version != self.finetui.setup_version:
+    def _setup_changed(self, change: SetupChanged) -> None:
+        if change.origin is self:
+            return
+        if self.is_current:
             self.populate()
+        else:
+            self._stale = True
 
-    def setup_replaced(self) -> None:
-        self.populate()
+    def on_screen_resume(self) -> None:
+        if self._stale:
+            self.populate()
 
     def populate(self) -> None:
         """Show the app's setup in every field (without echoing change events back)."""
         data = self.finetui.setup_data
-        self._seen_version = self.finetui.setup_version
+        self._stale = False
         with self.prevent(Input.Changed, Select.Changed, Checkbox.Changed):
             for field in FIELDS:
                 value = effective_value(data, field.key)
@@ -223,8 +211,7 @@ class SetupScreen(MainScreen):
                 return  # the field shows its default: nothing to record
         elif value == current and type(value) is type(current):
             return
-        self.finetui.update_setup(with_value(data, key, value))
-        self._seen_version = self.finetui.setup_version
+        self.finetui.update_setup(with_value(data, key, value), origin=self)
         if key in ("strategy.kind", "model.task", "model.id"):
             self._refresh_visibility()
         self.show_errors()

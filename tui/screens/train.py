@@ -31,16 +31,16 @@ class TrainScreen(MainScreen):
         yield SteadyFooter()
 
     def on_mount(self) -> None:
-        self.finetui.run_signal.subscribe(self, self.run_started)
-        self.finetui.events_signal.subscribe(self, self.events_applied)
+        self.finetui.session.run_signal.subscribe(self, self.run_started)
+        self.finetui.session.events_signal.subscribe(self, self.events_applied)
         self.show_current()
 
     def on_screen_resume(self) -> None:
-        if self.finetui.history is None:
+        if self.finetui.session.history is None:
             self._show_empty()
 
     def show_current(self) -> None:
-        history = self.finetui.history
+        history = self.finetui.session.history
         if history is None:
             self._show_empty()
         else:
@@ -67,6 +67,6 @@ class TrainScreen(MainScreen):
         view.show(history)
 
     def events_applied(self, events: Sequence[Event]) -> None:
-        history = self.finetui.history
+        history = self.finetui.session.history
         if history is not None:
             self.query_one(RunView).events_applied(history, events)

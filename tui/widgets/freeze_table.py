@@ -12,7 +12,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable
 
-from engine.sinks import format_count
+from engine.views import format_count
 
 EIGHTHS = " ▏▎▍▌▋▊▉█"
 TRAINABLE_STYLE = "green3"

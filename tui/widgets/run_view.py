@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -19,9 +19,21 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Label, ProgressBar, RichLog, Sparkline, Static
 from textual_plotext import PlotextPlot
 
-from engine.events import Checkpoint, Eval, Event, Log, RunFailed, RunFinished, RunStarted, RunStopped, Step
+from engine.events import (
+    BUSY_CPU_PERCENT,
+    Checkpoint,
+    Eval,
+    Event,
+    Log,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    RunStopped,
+    Step,
+)
+from engine.views import format_duration, stopped_line
 from tui.form import display_path
-from tui.history import RunHistory, format_duration
+from tui.history import RunHistory
 
 FLUSH_S = 1.0
 STATUS_STYLE = {
@@ -180,8 +192,9 @@ class RunView(Vertical):
             case RunFinished():
                 return Text("finished", style="green")
             case RunStopped():
-                where = f", checkpoint {display_path(event.checkpoint)}" if event.checkpoint else ""
-                return Text(f"stopped at step {event.step}{where}", style="yellow")
+                run_dir = display_path(self.history.run_dir) if self.history and self.history.run_dir else None
+                checkpoint = display_path(event.checkpoint) if event.checkpoint else None
+                return Text(stopped_line(replace(event, checkpoint=checkpoint), run_dir), style="yellow")
             case RunFailed():
                 return Text(f"failed: {event.error}", style="bold red")
         return None
@@ -209,7 +222,7 @@ class RunView(Vertical):
         return True
 
     def _update_progress(self, history: RunHistory) -> None:
-        step = history.last_step
+        step = history.position
         bar = self.query_one("#run-progress", ProgressBar)
         if step is not None:
             done = step.max_steps if history.status == "finished" else step.step
@@ -231,19 +244,22 @@ class RunView(Vertical):
 
     @staticmethod
     def _stats(history: RunHistory) -> str:
-        step = history.last_step
-        if step is None:
-            return "[dim]no step logged yet[/]"
+        step, position = history.last_step, history.position
+        if position is None:
+            return "[dim]no step yet[/]"
         rows = [
-            ("loss", f"{step.loss:.4f}"),
-            ("lr", f"{step.lr:.2e}"),
-            ("grad norm", f"{step.grad_norm:.3g}" if step.grad_norm is not None else "–"),
-            ("samples/s", f"{step.samples_per_second:.1f}"),
-            ("tokens/s", f"{step.tokens_per_second:,.0f}"),
-            ("RSS", f"{step.memory_rss_mb:,.0f} MiB" if step.memory_rss_mb is not None else "–"),
+            ("loss", f"{step.loss:.4f}" if step is not None else "–"),
+            ("lr", f"{step.lr:.2e}" if step is not None else "–"),
+            ("grad norm", f"{step.grad_norm:.3g}" if step is not None and step.grad_norm is not None else "–"),
+            ("samples/s", f"{position.samples_per_second:.1f}"),
+            ("tokens/s", f"{position.tokens_per_second:,.0f}"),
+            ("RSS", f"{position.memory_rss_mb:,.0f} MiB" if position.memory_rss_mb is not None else "–"),
         ]
-        if step.gpu_memory_mb is not None:
+        if step is not None and step.gpu_memory_mb is not None:
             rows.append(("GPU mem", f"{step.gpu_memory_mb:,.0f} MiB"))
+        others = position.cpu_others_percent
+        if others is not None and others >= BUSY_CPU_PERCENT:
+            rows.append(("CPU busy", f"[$warning]others {others:.0f} %[/]"))
         return "\n".join(f"{name:<10}[b]{value}[/]" for name, value in rows)
 
     @staticmethod

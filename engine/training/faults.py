@@ -2,18 +2,19 @@
 
 A run that diverges (NaN/inf loss), runs out of memory (CUDA or host) or fills the disk fails with a
 message naming the step and concrete next settings; the run directory keeps its last complete checkpoint.
-Nothing here imports torch at module level beyond what the trainer already has loaded.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any
 
 import psutil
 import torch
 
 from engine.config import RunConfig
+from engine.freeze_map import compute_freeze_map
 
 GIB = 2**30
 # A device is "big enough" for an estimate when the estimate stays under this share of its memory
@@ -72,8 +73,6 @@ def available_memory(device: str) -> int | None:
 
 
 def _estimate(model: Any, batch_size: int, seq_len: int, gradient_checkpointing: bool, frozen_4bit: str | None) -> int:
-    from engine.freeze_map import compute_freeze_map
-
     freeze_map = compute_freeze_map(
         model,
         batch_size=batch_size,
@@ -91,38 +90,46 @@ def oom_suggestions(config: RunConfig, model: Any | None, device: str) -> tuple[
     Settings: a smaller batch with gradient accumulation keeping the effective batch, gradient checkpointing,
     QLoRA (4-bit base) for adapter strategies, LoRA for strategies that train whole layers, shorter max_length.
     """
-    train, data, kind = config.train, config.data, config.strategy.kind
-    batch, seq, checkpointing = train.batch_size, data.max_length, train.gradient_checkpointing
+    batch, seq = config.train.batch_size, config.data.max_length
+    if model is None:  # the weights themselves did not fit
+        qlora = (
+            []
+            if config.strategy.kind == "qlora"
+            else ["--strategy qlora (the base model's linear weights load in 4 bits)"]
+        )
+        return f"loading {config.model.id}", [*qlora, "a smaller model"]
     limit = available_memory(device)
-    budget = int(limit * HEADROOM) if limit else None
-    suggestions: list[str] = []
 
-    def estimate(b: int = batch, s: int = seq, gc: bool = checkpointing, quant: str | None = None) -> int | None:
-        if model is None:
-            return None
+    def estimate(b: int = batch, s: int = seq, gc: bool | None = None, quant: str | None = None) -> int | None:
         try:
-            return _estimate(model, b, s, gc, quant)
+            checkpointing = config.train.gradient_checkpointing if gc is None else gc
+            return _estimate(model, b, s, checkpointing, quant)
         except Exception:
             return None
 
+    suggestions = _settings_to_try(config, estimate, int(limit * HEADROOM) if limit else None)
+    current = estimate()
+    where = "GPU" if device == "cuda" else "host RAM"
+    have = f"{where} {_gib(limit)}" if limit else where
+    need = f"estimated need ~{_gib(current)} for batch {batch} x {seq} tokens" if current else f"batch {batch} x {seq}"
+    return f"{need}, {have}", suggestions
+
+
+def _settings_to_try(config: RunConfig, estimate: Callable[..., int | None], budget: int | None) -> list[str]:
     def with_estimate(setting: str, value: int | None) -> str:
         return f"{setting} (~{_gib(value)})" if value is not None else setting
 
-    if model is None:  # the weights themselves did not fit
-        if kind != "qlora":
-            suggestions.append("--strategy qlora (the base model's linear weights load in 4 bits)")
-        suggestions.append("a smaller model")
-        return f"loading {config.model.id}", suggestions
-    current = estimate()
-    if batch > 1:
-        smaller = batch // 2
+    train, kind, seq = config.train, config.strategy.kind, config.data.max_length
+    suggestions: list[str] = []
+    if train.batch_size > 1:
+        smaller = train.batch_size // 2
         while smaller > 1 and budget is not None and (estimate(b=smaller) or 0) > budget:
             smaller //= 2
-        accum = train.grad_accum * (batch // smaller)
+        accum = train.grad_accum * (train.batch_size // smaller)
         suggestions.append(
             with_estimate(f"--set train.batch_size={smaller} --set train.grad_accum={accum}", estimate(b=smaller))
         )
-    if not checkpointing and kind != "feature":
+    if not train.gradient_checkpointing and kind != "feature":
         suggestions.append(with_estimate("--set train.gradient_checkpointing=true", estimate(gc=True)))
     if kind in ("lora", "dora"):
         suggestions.append(with_estimate("--strategy qlora", estimate(quant=config.strategy.quant_type)))
@@ -130,10 +137,7 @@ def oom_suggestions(config: RunConfig, model: Any | None, device: str) -> tuple[
         suggestions.append("--strategy lora (or qlora): adapters need no gradients or AdamW states for the base")
     if seq > 64:
         suggestions.append(with_estimate(f"--set data.max_length={seq // 2}", estimate(s=seq // 2)))
-    where = "GPU" if device == "cuda" else "host RAM"
-    have = f"{where} {_gib(limit)}" if limit else where
-    need = f"estimated need ~{_gib(current)} for batch {batch} x {seq} tokens" if current else f"batch {batch} x {seq}"
-    return f"{need}, {have}", suggestions
+    return suggestions
 
 
 def oom_message(exc: BaseException, config: RunConfig, model: Any | None, device: str, step: int | None) -> str:

@@ -31,8 +31,8 @@ from tui.form import (
     with_value,
 )
 from tui.heavy import load_engine
-from tui.messages import PreviewReady, SetupChanged
-from tui.screens.base import MainScreen
+from tui.messages import PreviewReady
+from tui.screens.base import SetupScreenBase
 from tui.screens.dialogs import FilePickerScreen
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.steady_footer import SteadyFooter
@@ -49,7 +49,7 @@ def _cell(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-class SetupScreen(MainScreen):
+class SetupScreen(SetupScreenBase):
     MODE = "setup"
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]] | None] = [(0, "-narrow"), (150, "-wide")]
     AUTO_FOCUS = "#f-name"  # focusing the whole form would restyle every field: slow first paint
@@ -59,7 +59,7 @@ class SetupScreen(MainScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self._stale = False  # the setup changed elsewhere since the fields showed it
+        self.stale = False  # composed showing the current setup
         self._columns: list[str] = []
         self._preview_source: str | None = None
         self._shown_errors: dict[str, str] = {}
@@ -146,27 +146,14 @@ class SetupScreen(MainScreen):
 
     def on_mount(self) -> None:
         # the widgets were composed showing the current setup already
-        self.finetui.setup_signal.subscribe(self, self._setup_changed)
         self._refresh_visibility()
         self.show_errors()
         self._maybe_preview()
 
-    def _setup_changed(self, change: SetupChanged) -> None:
-        if change.origin is self:
-            return
-        if self.is_current:
-            self.populate()
-        else:
-            self._stale = True
-
-    def on_screen_resume(self) -> None:
-        if self._stale:
-            self.populate()
-
-    def populate(self) -> None:
+    def show_setup(self) -> None:
         """Show the app's setup in every field (without echoing change events back)."""
         data = self.finetui.setup_data
-        self._stale = False
+        self.stale = False
         with self.prevent(Input.Changed, Select.Changed, Checkbox.Changed):
             for field in FIELDS:
                 value = effective_value(data, field.key)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -191,9 +192,9 @@ class RunView(Vertical):
                 return Text(f"run directory {display_path(event.run_dir)}{resumed}", style="dim")
             case RunFinished():
                 return Text("finished", style="green")
-            case RunStopped():
+            case RunStopped():  # the checkpoint by name: the run directory's path follows
                 run_dir = display_path(self.history.run_dir) if self.history and self.history.run_dir else None
-                checkpoint = display_path(event.checkpoint) if event.checkpoint else None
+                checkpoint = Path(event.checkpoint).name if event.checkpoint else None
                 return Text(stopped_line(replace(event, checkpoint=checkpoint), run_dir), style="yellow")
             case RunFailed():
                 return Text(f"failed: {event.error}", style="bold red")

@@ -38,7 +38,7 @@ from transformers.utils import is_torch_tf32_available
 
 from engine import cache as cache_lib
 from engine import data as data_lib
-from engine import distributed, frozen_prefix, models
+from engine import data_report, distributed, frozen_prefix, models
 from engine.config import ConfigError, RunConfig
 from engine.events import Checkpoint, Eval, FreezeMapReady, Log, RunFailed, RunFinished, RunStarted, RunStopped, Step
 from engine.faults import (
@@ -789,7 +789,8 @@ def _execute(
         )
         if prepared.from_cache:
             events.emit(Log(level="info", message=f"tokenised data from the cache ({cache_lib.TOKENISED}/)"))
-        for warning in prepared.warnings:
+        summary["warnings"] = data_report.check_data(config.data, prepared.encoded)  # the gate: refuses bad data
+        for warning in summary["warnings"]:
             events.emit(Log(level="warning", message=warning))
         check_stop()
         num_labels = config.model.num_labels or prepared.num_labels

@@ -1,4 +1,4 @@
-"""The headless command line: `finetui run | attach | inspect | eval | presets`.
+"""The headless command line: `finetui run | attach | inspect | data | eval | presets`.
 
 Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr, never a traceback),
 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP (the run is checkpointed and resumable with `--resume`).
@@ -20,7 +20,7 @@ from rich.console import Console
 
 from engine.config import ConfigError, RunConfig, load_config, read_preset_file
 from engine.distributed import LAUNCHED_ENV
-from engine.preflight import check_run_config
+from engine.preflight import check_data_config, check_run_config
 from engine.runs import check_resumable, load_run_config, override_resumed_config
 from engine.sinks import (
     EventSink,
@@ -33,7 +33,7 @@ from engine.sinks import (
 )
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-SUBCOMMANDS = ("run", "attach", "inspect", "eval", "presets")
+SUBCOMMANDS = ("run", "attach", "inspect", "data", "eval", "presets")
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -189,6 +189,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Report the data a run would train on; exit 2 (after the report) when `run` would refuse it."""
+    config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
+    check_data_config(config)
+    from engine.data_report import build_report, render_report
+
+    report = build_report(config)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        Console().print(render_report(report))
+    if report.error is not None:
+        raise ConfigError(report.error)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from engine.trainer import evaluate_run
 
@@ -270,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
     inspect.add_argument("--json", action="store_true", help="one JSON object on stdout")
     inspect.set_defaults(handler=cmd_inspect)
+
+    data = sub.add_parser(
+        "data",
+        help="report the data a preset trains on (rows, labels, lengths, leaks), without loading weights",
+        description="Report the data a run would see: rows and why some are left out, labels, token lengths, "
+        "one rendered example, duplicates and rows shared with train. Exit 2 when `run` would refuse it.",
+    )
+    data.add_argument("preset", nargs="?", help="preset file or bundled preset name")
+    data.add_argument("--model", help="model id whose tokenizer is used (short for --set model.id=M)")
+    data.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
+    data.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    data.set_defaults(handler=cmd_data)
 
     evaluate = sub.add_parser("eval", help="score a finished run's model on a data file")
     evaluate.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")

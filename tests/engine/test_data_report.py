@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from engine.models import load_tokenizer
 from engine.runs import read_summary
 from engine.sinks import ListSink
 from engine.trainer import run_training
+from tests.conftest import ROOT
 
 TRAIN = [
     {"text": "a fine film", "label": "pos"},  # 1
@@ -223,3 +226,29 @@ def test_run_is_gated_and_records_the_warnings(tmp_path: Path, problem_data: dic
     assert "data.dedupe: removed 4 train rows (2 duplicates, 2 also in validation or test)" in warnings
     logged = [event.message for event in sink.of_type(Log) if event.level == "warning"]
     assert all(warning in logged for warning in warnings)
+
+
+def finetui(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tui.launcher", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+
+
+def test_finetui_data_prints_json_and_exits_2_when_run_would_refuse(problem_data: dict[str, Any]) -> None:
+    sets = [item for key, value in problem_data.items() for item in ("--set", f"data.{key}={json.dumps(value)}")]
+    refused = finetui("data", "--model", "builtin:tiny-bert", *sets, "--json")
+    assert refused.returncode == 2
+    report = json.loads(refused.stdout)
+    assert report["leaked"] == {"validation": 1, "test": 1}
+    lines = refused.stderr.strip().splitlines()
+    assert lines[-1] == f"finetui: error: {report['error']}"
+    passed = finetui("data", "--model", "builtin:tiny-bert", *sets, "--set", "data.dedupe=true")
+    assert passed.returncode == 0, passed.stderr
+    assert "rows shared with train: validation 0, test 0" in passed.stdout
+    assert "data.dedupe: removed 4 train rows" in passed.stdout
+    assert all(len(line) <= 80 for line in passed.stdout.splitlines())
+    quickstart = finetui("data", "quickstart", "--model", "builtin:tiny-bert", "--json")
+    assert quickstart.returncode == 0, quickstart.stderr
+    summary = json.loads(quickstart.stdout)
+    assert [summary[role]["rows"] for role in ("train", "validation", "test")] == [320, 80, 80]
+    assert summary["train"]["labels"] == {"negative": 160, "positive": 160}

@@ -294,10 +294,10 @@ def _findings(cfg: DataConfig, encoded: EncodedData, report: DataReport) -> list
 
 
 def _reasons_text(split: SplitReport) -> str:
-    return "; ".join(f"{info['count']:,} {reason} ({_rows(info)})" for reason, info in split.dropped.items())
+    return "; ".join(f"{info['count']:,} {reason} ({row_numbers(info)})" for reason, info in split.dropped.items())
 
 
-def _rows(info: dict[str, Any]) -> str:
+def row_numbers(info: dict[str, Any]) -> str:
     """`row 3` or `rows 1, 2, 5, ...` from {"count": n, "rows": the first row numbers}."""
     shown = ", ".join(map(str, info["rows"])) + (", ..." if info["count"] > len(info["rows"]) else "")
     return f"row{'s' if info['count'] > 1 else ''} {shown}"
@@ -351,7 +351,8 @@ def _overlap_findings(cfg: DataConfig, report: DataReport) -> list[Finding]:
         share = leak["count"] / rows
         carved = " (carved from train: train repeats these rows)" if role == "validation" and report.carved else ""
         text = (
-            f"data.{role}: {leak['count']:,} of {rows:,} rows ({share:.1%}) also occur in train{carved} ({_rows(leak)})"
+            f"data.{role}: {leak['count']:,} of {rows:,} rows ({share:.1%}) also occur in train{carved} "
+            f"({row_numbers(leak)})"
         )
         if share > cfg.max_leak:
             allow = f"{math.ceil(share * 1000) / 1000:g}"
@@ -408,7 +409,11 @@ def length_histogram(lengths: np.ndarray, max_length: int) -> list[tuple[str, in
         width = max(math.ceil(max_length / HISTOGRAM_BINS), math.ceil((longest - max_length) / 4))
         bounds += [*range(max_length + width, longest, width), longest]
     return [
-        (f"{low + 1}-{high}", int(((lengths > low) & (lengths <= high)).sum()), high > max_length)
+        (
+            f"{low + 1}-{high}" if high > low + 1 else f"{high}",
+            int(((lengths > low) & (lengths <= high)).sum()),
+            high > max_length,
+        )
         for low, high in itertools.pairwise(bounds)
     ]
 

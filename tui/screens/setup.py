@@ -1,7 +1,8 @@
-"""The setup screen: model, task, data (with a file picker and a preview), strategy and training options.
+"""The setup screen: model, task, data (with a file picker, a preview and a report), strategy and training options.
 
 Every field edits one key of the app's setup dict; after each edit the whole dict is validated with
 `engine.config.field_errors` (the CLI's pydantic models and wording) and each problem is shown under its field.
+The data report (`tui.widgets.data_report`) follows the setup too; its findings show beside their fields.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tui.form import (
 from tui.heavy import load_engine
 from tui.screens.base import MainScreen
 from tui.screens.dialogs import FilePickerScreen
+from tui.widgets.data_report import DataReportView
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.steady_footer import SteadyFooter
 
@@ -108,6 +110,7 @@ class SetupScreen(MainScreen):
                 if field.key == "data.test":
                     yield Label("", id="preview-status", classes="dim")
                     yield DataTable(id="preview-table", show_cursor=False, zebra_stripes=True)
+                    yield DataReportView(id="data-report")
 
     def _field_row(self, field: Field) -> ComposeResult:
         classes = "field-row"
@@ -121,6 +124,7 @@ class SetupScreen(MainScreen):
             if field.key in BROWSE_KEYS:
                 yield Button("…", id=f"browse-{field.widget_id}", classes="browse", compact=True)
         yield Label("", classes="field-error", id=f"err-{field.widget_id}")
+        yield Label("", classes="field-warning", id=f"warn-{field.widget_id}")
 
     def _widget(self, field: Field) -> Widget:
         """The field's widget, showing the current setup already (so mounting it changes nothing)."""
@@ -167,6 +171,7 @@ class SetupScreen(MainScreen):
         self._refresh_visibility()
         self.show_errors()
         self._maybe_preview()
+        self.query_one(DataReportView).request(self.finetui.setup_data, pause=False)
 
     def on_screen_resume(self) -> None:
         if self._seen_version != self.finetui.setup_version:
@@ -201,6 +206,7 @@ class SetupScreen(MainScreen):
         self._refresh_visibility()
         self.show_errors()
         self._maybe_preview()
+        self.query_one(DataReportView).request(data)
 
     def _set_column_options(self, select: Select, current: str) -> None:
         names = list(self._columns)
@@ -228,6 +234,7 @@ class SetupScreen(MainScreen):
         if key in ("strategy.kind", "model.task", "model.id"):
             self._refresh_visibility()
         self.show_errors()
+        self.query_one(DataReportView).request(self.finetui.setup_data)
 
     @on(Input.Changed)
     def _input_changed(self, event: Input.Changed) -> None:
@@ -248,6 +255,15 @@ class SetupScreen(MainScreen):
     @on(Input.Submitted, "#f-data-train")
     def _train_submitted(self) -> None:
         self._maybe_preview(force=True)
+        self.query_one(DataReportView).request(self.finetui.setup_data, force=True, pause=False)
+
+    def on_data_report_view_findings(self, message: DataReportView.Findings) -> None:
+        """Each finding of the data report beside the field it concerns."""
+        for field in FIELDS:
+            shown = message.findings.get(field.key, "")
+            label = self.query_one(f"#warn-{field.widget_id}", Label)
+            label.update(shown)
+            label.display = bool(shown) and self.query_one(f"#row-{field.widget_id}").display
 
     @on(Select.Changed)
     def _select_changed(self, event: Select.Changed) -> None:
@@ -372,6 +388,9 @@ class SetupScreen(MainScreen):
     def worker_failed(self, worker, message: str) -> None:  # type: ignore[no-untyped-def]
         if worker.group == "preview":
             self.query_one("#preview-status", Label).update(f"[b $error]preview:[/] {message}")
+            return
+        if worker.group == "data-report":
+            self.query_one(DataReportView).failed(message)
             return
         super().worker_failed(worker, message)
 

@@ -43,6 +43,7 @@ from engine.data import (
     WRONG_TYPE,
     DataError,
     EncodedData,
+    column_values,
     encode_data,
 )
 
@@ -264,11 +265,11 @@ def _split_report(role: str, split: datasets.Dataset, encoded: EncodedData) -> S
 def _example(encoded: EncodedData, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]] | None:
     """The kept train row that comes first in the file, decoded in runs of tokens with and without loss."""
     split = encoded.splits["train"]
-    reasons = np.asarray(split[DROPPED], dtype=object)
+    reasons = np.asarray(column_values(split, DROPPED), dtype=object)
     kept = np.flatnonzero(reasons == "")
     if not len(kept):
         return None
-    rows = np.asarray(split[ROW])
+    rows = np.asarray(column_values(split, ROW))
     index = int(kept[np.argmin(rows[kept])])
     ids, labels = split[index]["input_ids"], split[index]["labels"]
     pieces: list[tuple[str, bool]] = []
@@ -542,5 +543,8 @@ def _overlap_text(report: DataReport) -> Text:
     text.append(", ".join(f"{role} {leak['count']:,}" for role, leak in report.leaked.items()) or "-")
     for example in duplicates["examples"]:
         rows = " and ".join(map(str, example["rows"]))
-        text.append(f"\n  rows {rows}: {example['text']}")
+        text.append(f"\n  train rows {rows}: {example['text']}")
+    for role, leak in report.leaked.items():
+        for row, example in zip(leak["rows"], leak["examples"], strict=False):
+            text.append(f"\n  {role} row {row} is in train: {example}")
     return text

@@ -133,7 +133,12 @@ def test_the_gate_refuses_leaks_and_dedupe_or_max_leak_lets_it_pass(
     encoded = encode_data(cfg, task="classification", tokenizer=bert_tokenizer, seed=0)
     assert encoded.removed == {"duplicates": [3, 4], "also in validation or test": [8, 9]}
     assert sorted(encoded.splits["train"]["row"]) == [0, 1, 4, 5, 6, 9, 10, 11]
-    assert encoded.leaked == {"validation": {"count": 0, "rows": []}, "test": {"count": 0, "rows": []}}
+    assert encoded.leaked == {
+        "validation": {"count": 0, "rows": [], "examples": []},
+        "test": {"count": 0, "rows": [], "examples": []},
+    }
+    leaky = encode_data(DataConfig(**problem_data), task="classification", tokenizer=bert_tokenizer, seed=0)
+    assert leaky.leaked["test"] == {"count": 1, "rows": [1], "examples": ["shared with test"]}
 
 
 def test_a_carved_validation_leaks_what_train_repeats(tmp_path: Path, bert_tokenizer: Any) -> None:

@@ -23,6 +23,7 @@ from engine.data import (
     DataError,
     PreparedData,
     prepare_data,
+    prepare_eval_split,
     prompt_token_ids,
     read_table,
     render_prompt,
@@ -687,3 +688,16 @@ def test_render_prompt_is_the_prompt_training_sees(
     assert byte_tokenizer.decode(trained["input_ids"][:masked]).endswith(rendered)
     if "text" not in row:  # a prompt to generate from (no response column) renders the same
         assert render_prompt(cfg, byte_tokenizer, prompt_only) == rendered
+
+
+def test_eval_maps_labels_as_the_run_did_and_names_a_row_it_cannot_score(tmp_path: Path, minilm: Any) -> None:
+    cfg = DataConfig()
+    held_out = write_jsonl(tmp_path / "h.jsonl", [{"text": "good", "label": 3}, {"text": "bad", "label": 1}])
+    dataset, _ = prepare_eval_split(
+        cfg, held_out, task="classification", tokenizer=minilm, label_names=["1", "3"], num_labels=2
+    )
+    assert dataset["labels"][:] == [1, 0]
+    unseen = write_jsonl(tmp_path / "u.jsonl", [{"text": "good", "label": 3}, {"text": "meh", "label": 5}])
+    with pytest.raises(DataError) as error:
+        prepare_eval_split(cfg, unseen, task="classification", tokenizer=minilm, label_names=["1", "3"], num_labels=2)
+    assert_one_line(error, "u.jsonl: row 2: label unseen in training; fix or drop that row")

@@ -21,7 +21,6 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.timer import Timer
 from textual.widgets import Collapsible, Label, Static
-from textual_plotext import PlotextPlot
 
 from tui.form import FIELDS_BY_KEY, MISSING, effective_value, get_value, with_value
 from tui.heavy import load_engine
@@ -43,23 +42,6 @@ def report_data(setup: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-class LengthChart(PlotextPlot):
-    """Token lengths of the train examples (before truncation) in bins, with a line at `data.max_length`."""
-
-    def show(self, bins: list[tuple[str, int, bool]], max_length: int) -> None:
-        plt = self.plt
-        plt.clear_figure()
-        plt.title(f"train examples per token-length bin (≤ tick) · red: over max_length {max_length}")
-        below = [index for index, (_, _, beyond) in enumerate(bins, start=1) if not beyond]
-        colors = ["green" if not beyond else "red" for _, _, beyond in bins]
-        positions = list(range(1, len(bins) + 1))
-        plt.bar(positions, [count for _, count, _ in bins], color=colors, width=0.6)
-        plt.xticks(positions, [label.split("-")[-1] for label, _, _ in bins])  # upper bounds: short, never crowded
-        if len(below) < len(bins):
-            plt.vline(len(below) + 0.5, "red")
-        self.refresh()
-
-
 class DataReportView(Vertical):
     """The report of the setup's data, recomputed as the setup changes (`request`)."""
 
@@ -74,6 +56,9 @@ class DataReportView(Vertical):
     }
     DataReportView #report-lengths {
         height: 9;
+    }
+    DataReportView #report-lengths LengthChart {
+        height: 100%;
     }
     DataReportView #report-dropped {
         background: transparent;
@@ -113,7 +98,7 @@ class DataReportView(Vertical):
     def compose(self) -> ComposeResult:
         yield Label("", id="report-status", classes="dim")
         yield Static("", id="report-labels", classes="-hidden")
-        yield LengthChart(id="report-lengths", classes="-hidden")
+        yield Vertical(id="report-lengths", classes="-hidden")  # the chart is mounted with the first report
         with Collapsible(title="", id="report-dropped", classes="-hidden"):
             yield Static("", id="report-reasons")
         yield Static("", id="report-example", classes="-hidden")
@@ -191,9 +176,15 @@ class DataReportView(Vertical):
         if report.task == "classification":
             labels.update(_label_bars(report))
         train = report.splits["train"]
-        chart = self.query_one(LengthChart)
-        chart.set_class(not len(train.lengths), "-hidden")
+        holder = self.query_one("#report-lengths", Vertical)
+        holder.set_class(not len(train.lengths), "-hidden")
         if len(train.lengths):
+            from tui.widgets.length_chart import LengthChart  # textual-plotext: not needed for the first paint
+
+            chart = next(iter(holder.query(LengthChart)), None)
+            if chart is None:
+                chart = LengthChart()
+                holder.mount(chart)
             chart.show(length_histogram(train.lengths, report.max_length), report.max_length)
         dropped = sum(split.dropped_count for split in report.splits.values())
         collapsible = self.query_one("#report-dropped", Collapsible)

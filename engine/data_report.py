@@ -495,7 +495,7 @@ def _lengths(report: DataReport) -> RenderableType:
         return Text("token lengths: no rows to measure")
     summary = " · ".join(f"p{key} {value}" if key != "max" else f"max {value}" for key, value in percentiles.items())
     share = train.share(train.truncated) or 0.0
-    over = f"{share:.1%} longer than" if train.truncated else "none longer than"
+    over = f"{train.truncated:,} ({share:.1%}) longer than" if train.truncated else "none longer than"
     lines = [
         Text(f"token lengths (train, before truncation): {summary}", style="bold"),
         Text(

@@ -3,7 +3,7 @@
 Two kinds of work repeat from run to run with the same inputs: tokenising a data file, and embedding it with a
 frozen model for the `feature` strategy. Both are kept under `engine.models.cache_dir()`:
 
-    tokenised/<key>/{train,validation,test}/ + meta.json   tokenised splits (datasets' arrow files)
+    tokenised/<key>/{train,validation,test}/ + meta.json   encoded splits: every row, and why some are left out
     features/<key>.npy                                      pooled embeddings of one tokenised split
 
 A key is a digest of everything the result depends on (file contents, tokenizer, settings, the cache format

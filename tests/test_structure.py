@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine.parallel", "engine.runs", "engine.sinks", "engine.views", "engine.preflight", "engine.library_logs"),
     # models and data
     ("engine.architecture", "engine.models", "engine.cache", "engine.freeze_map", "engine.data", "engine.devices"),
-    ("engine.model_card",),
+    ("engine.model_card", "engine.data_report"),
     ("engine.strategies", "engine.strategies.*"),
     ("engine.training", "engine.training.*"),
     ("engine.inference", "engine.inference.*"),

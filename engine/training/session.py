@@ -31,6 +31,7 @@ from engine import cache as cache_lib
 from engine import data as data_lib
 from engine import models
 from engine.config import ConfigError, RunConfig
+from engine.data_report import check_data
 from engine.devices import resolve_device, resolve_precision, set_training_threads
 from engine.events import (
     EXIT_BAD_INPUT,
@@ -240,7 +241,9 @@ class RunSession:
         )
         if prepared.from_cache:
             self._log("info", f"tokenised data from the cache ({cache_lib.TOKENISED}/)")
-        for warning in prepared.warnings:
+        # the gate refuses data that cannot train honestly; a resumed run trained on it already: it warns
+        self.summary["warnings"] = check_data(config.data, prepared.encoded, refuse=self.resumed_from is None)
+        for warning in self.summary["warnings"]:
             self._log("warning", warning)
         self._check_stop()
         num_labels = config.model.num_labels or prepared.num_labels

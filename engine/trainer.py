@@ -74,6 +74,7 @@ from engine.runs import (
 )
 from engine.sinks import EventSink, FanoutSink, JsonlFileSink
 from engine.strategies import Strategy, get_strategy
+from engine.training.memory import MemoryMeter, memory_record
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -152,8 +153,10 @@ class EventBridge(TrainerCallback):
         stop_event: threading.Event | None,
         samples_per_step: int,
         stop_file: Path | None = None,
+        memory: MemoryMeter | None = None,
     ) -> None:
         self.sink = sink
+        self.memory = memory
         self.task = task
         self.stop_event = stop_event
         self.stop_file = stop_file
@@ -174,8 +177,6 @@ class EventBridge(TrainerCallback):
         self._started = time.monotonic()
         self._first_step = state.global_step
         self._first_tokens = state.num_input_tokens_seen
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         # Every rank of a multi-process run stops at the same step, whichever of them saw the request.
@@ -217,6 +218,7 @@ class EventBridge(TrainerCallback):
                 gpu_memory_mb=torch.cuda.memory_allocated() / 2**20 if cuda else None,
                 gpu_reserved_mb=torch.cuda.memory_reserved() / 2**20 if cuda else None,
                 gpu_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                **(self.memory.peak().step_fields() if self.memory is not None else {}),
             )
         )
 
@@ -351,13 +353,12 @@ def _load_for_strategy(
 ) -> torch.nn.Module:
     """Load the model the way the strategy needs it (4-bit for QLoRA, bf16 frozen base for adapters on GPUs)."""
     on_cuda = device == "cuda"
-    dtype = torch.bfloat16 if precision == "bf16" and strategy.is_peft else torch.float32
     return models.load_model(
         config.model,
         num_labels=num_labels if config.model.task == "classification" else None,
         label_names=label_names,
         quantization_config=strategy.quantization_config(on_cuda=on_cuda),
-        dtype=dtype,
+        dtype=strategy.load_dtype(precision),
         device_map=device_map,
     )
 
@@ -542,6 +543,7 @@ def _build_trainer(
     device: str,
     precision: str,
     stop_event: threading.Event | None,
+    memory: MemoryMeter | None = None,
 ) -> tuple[FinetuiTrainer, EventBridge]:
     task = config.model.task
     args = training_arguments(config, run_dir / CHECKPOINTS_DIR, device=device, precision=precision)
@@ -551,6 +553,7 @@ def _build_trainer(
         stop_event,
         samples_per_step=args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
         stop_file=run_dir / STOP_FILE,
+        memory=memory,
     )
     classification = task == "classification"
     trainer = FinetuiTrainer(
@@ -690,9 +693,17 @@ class _Session:
     trainer: FinetuiTrainer | None = None
     in_training: bool = False
     main: bool = True  # rank 0 (or the only process): the one that writes the run directory
+    memory: MemoryMeter | None = None
+    estimated_memory: int | None = None
 
     def step(self) -> int | None:
         return self.trainer.state.global_step if self.trainer is not None else None
+
+    def memory_record(self) -> dict[str, Any]:
+        """summary.json's `memory` (estimate against the measured peak); nothing before the model began to load."""
+        if self.memory is None:
+            return {}
+        return {"memory": memory_record(self.estimated_memory, self.memory.peak(), self.device)}
 
 
 def _execute(
@@ -794,6 +805,8 @@ def _execute(
         check_stop()
         num_labels = config.model.num_labels or prepared.num_labels
         events.emit(Log(level="info", message=f"loading model {config.model.id}"))
+        session.memory = MemoryMeter(device)
+        session.memory.start()  # the baseline: data and libraries are loaded, the model is not
         model = _load_for_strategy(
             config,
             strategy,
@@ -812,7 +825,12 @@ def _execute(
             gradient_checkpointing=config.train.gradient_checkpointing,
             processes=distributed.world_size(),
             sharding=distributed.sharding(config),
+            precision=precision,
+            device=device,
+            eval_batch_size=config.train.eval_batch_size,
+            first_token_top=frozen_prefix.first_token_top_block(model, config),
         )
+        session.estimated_memory = freeze_map.memory.total_bytes if freeze_map.memory is not None else None
         events.emit(FreezeMapReady(freeze_map=freeze_map.to_dict()))
         summary.update(
             trainable_params=freeze_map.trainable_params,
@@ -826,7 +844,7 @@ def _execute(
         )
         check_stop()
         if strategy.trains_with_trainer:
-            if config.train.cache_frozen and config.strategy.kind in ("head", "last_layers", "custom"):
+            if config.train.cache_frozen and config.strategy.kind in frozen_prefix.CACHED_KINDS:
                 prepared = frozen_prefix.cache_frozen_prefix(
                     model,
                     prepared,
@@ -838,7 +856,15 @@ def _execute(
                     check_stop=check_stop,
                 )
             trainer, bridge = _build_trainer(
-                config, model, prepared, events, run_dir, device=device, precision=precision, stop_event=stop_event
+                config,
+                model,
+                prepared,
+                events,
+                run_dir,
+                device=device,
+                precision=precision,
+                stop_event=stop_event,
+                memory=session.memory,
             )
             session.trainer = trainer
             if checkpoint is not None and _training_done(checkpoint):
@@ -891,6 +917,7 @@ def _execute(
             test=metrics.get("test"),
             model_dir=str(model_dir),
             finished_at=time.time(),
+            **session.memory_record(),
         )
         if main:
             write_summary(run_dir, summary)
@@ -901,6 +928,8 @@ def _execute(
     except Exception as exc:
         return _failed(exc, config, run_dir, summary, events, session)
     finally:
+        if session.memory is not None:
+            session.memory.stop()
         for name in LOGGERS_BRIDGED:
             logging.getLogger(name).removeHandler(log_bridge)
         if file_sink is not None:
@@ -917,7 +946,7 @@ def _stopped(run_dir: Path, summary: dict[str, Any], events: EventSink, session:
         trainer._save_checkpoint(trainer.model, trial=None)
         last = latest_checkpoint(run_dir)
     step = trainer.state.global_step if trainer is not None else (checkpoint_step(last) if last else 0) or 0
-    summary.update(status="stopped", finished_at=time.time())
+    summary.update(status="stopped", finished_at=time.time(), **session.memory_record())
     if trainer is not None:
         summary.update(steps=step, epochs=float(trainer.state.epoch or 0.0))
     if session.main:
@@ -946,7 +975,7 @@ def _failed(
     else:
         reason, message = "error", f"{type(exc).__name__}: {exc}"
     message = " ".join(message.split())  # one line, whatever the exception text held
-    summary.update(status="failed", error=message, reason=reason, finished_at=time.time())
+    summary.update(status="failed", error=message, reason=reason, finished_at=time.time(), **session.memory_record())
     if step is not None:
         summary["steps"] = step
     if not session.main:  # rank > 0: its error goes to run.log; rank 0 records the run's end

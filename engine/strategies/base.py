@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -35,6 +36,11 @@ class Strategy:
     def quantization_config(self, *, on_cuda: bool) -> Any | None:
         """The `quantization_config` to load the model with; None loads it unquantised."""
         return None
+
+    def load_dtype(self, precision: str) -> torch.dtype:
+        """The dtype the weights load in: bf16 for the frozen base of an adapter under bf16; fp32 otherwise (weights
+        that train stay fp32, and bf16 precision autocasts the computation)."""
+        return torch.bfloat16 if precision == "bf16" and self.is_peft else torch.float32
 
     def prepare(self, model: PreTrainedModel) -> nn.Module:
         """Freeze or wrap the loaded model and return the module to train."""

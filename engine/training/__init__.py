@@ -1,0 +1,1 @@
+"""The training run: its phases, the Hugging Face Trainer and its callback, and what a run measures."""

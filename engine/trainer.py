@@ -40,6 +40,7 @@ from engine import cache as cache_lib
 from engine import data as data_lib
 from engine import distributed, frozen_prefix, models
 from engine.config import ConfigError, RunConfig
+from engine.environment import record_environment
 from engine.events import Checkpoint, Eval, FreezeMapReady, Log, RunFailed, RunFinished, RunStarted, RunStopped, Step
 from engine.faults import (
     NonFiniteLoss,
@@ -778,6 +779,8 @@ def _execute(
         torch.set_num_threads(distributed.threads_per_process())
         device = session.device = resolve_device(config.train.device)
         precision = session.precision = resolve_precision(config.train.precision, device)
+        if main:
+            record_environment(run_dir, config, events)
         if device == "cpu" and precision == "bf16":
             events.emit(
                 Log(level="warning", message="bf16 on a CPU is often far slower than fp32 (train.precision=auto)")

@@ -1,4 +1,4 @@
-"""The headless command line: `finetui run | attach | inspect | eval | presets`.
+"""The headless command line: `finetui run | attach | inspect | eval | diff | rerun | presets`.
 
 Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr, never a traceback),
 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP (the run is checkpointed and resumable with `--resume`).
@@ -21,7 +21,7 @@ from rich.console import Console
 from engine.config import ConfigError, RunConfig, load_config, read_preset_file
 from engine.distributed import LAUNCHED_ENV
 from engine.preflight import check_run_config
-from engine.runs import check_resumable, load_run_config, override_resumed_config
+from engine.runs import CONFIG_FILE, check_resumable, load_run_config, override_resumed_config
 from engine.sinks import (
     EventSink,
     GuardedSink,
@@ -33,7 +33,7 @@ from engine.sinks import (
 )
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-SUBCOMMANDS = ("run", "attach", "inspect", "eval", "presets")
+SUBCOMMANDS = ("run", "attach", "inspect", "eval", "diff", "rerun", "presets")
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -200,6 +200,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    """What differs between two runs: config keys, environment, data files, final metrics, loss curves."""
+    from engine.run_diff import diff_lines, diff_runs
+
+    diff = diff_runs(Path(args.run_a), Path(args.run_b))
+    if args.json:
+        _print_json(diff.to_dict())
+    else:
+        sys.stdout.write("\n".join(diff_lines(diff)) + "\n")
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """A new run with a run's recorded config.toml, after a warning for each way this machine differs from it."""
+    from engine.environment import rerun_warnings
+
+    run_dir = Path(args.run_dir)
+    for warning in rerun_warnings(run_dir):
+        sys.stderr.write(f"finetui: warning: {warning}\n")
+    defaults = vars(build_parser().parse_args(["run"]))
+    output_dir = args.output_dir or run_dir.parent
+    rerun = {"preset": str(run_dir / CONFIG_FILE), "output_dir": output_dir, "json": args.json}
+    return cmd_run(argparse.Namespace(**{**defaults, **rerun}))
+
+
 def _section_keys(section: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
     rows = []
     for name, field in section.model_fields.items():
@@ -277,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
     evaluate.add_argument("--json", action="store_true", help="one JSON object of metrics on stdout")
     evaluate.set_defaults(handler=cmd_eval)
+
+    diff = sub.add_parser("diff", help="what differs between two runs (config, environment, data, results)")
+    diff.add_argument("run_a", help="a run directory")
+    diff.add_argument("run_b", help="another run directory")
+    diff.add_argument("--json", action="store_true", help="one JSON object: config, environment, data, metrics, loss")
+    diff.set_defaults(handler=cmd_diff)
+
+    rerun = sub.add_parser("rerun", help="train again with a run's recorded config; warns about what changed since")
+    rerun.add_argument("run_dir", help="a run directory")
+    rerun.add_argument("--output-dir", type=Path, default=None, help="parent of the new run (default: the run's)")
+    rerun.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    rerun.set_defaults(handler=cmd_rerun)
 
     presets = sub.add_parser("presets", help="list the bundled presets")
     presets.add_argument("--keys", action="store_true", help="list every preset key with its default")

@@ -76,6 +76,7 @@ from engine.runs import (
 from engine.sinks import EventSink, FanoutSink, JsonlFileSink
 from engine.strategies import Strategy, get_strategy
 from engine.training.memory import MemoryMeter, memory_record
+from engine.training.trackers import point_trackers_at
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -313,7 +314,7 @@ def training_arguments(config: RunConfig, output_dir: Path, *, device: str, prec
         save_total_limit=train.save_total_limit or None,
         logging_strategy="steps",
         logging_steps=train.logging_steps,
-        report_to="none",
+        report_to=train.report_to or "none",
         disable_tqdm=True,
         bf16=precision == "bf16",
         use_cpu=device == "cpu",
@@ -569,6 +570,7 @@ def _build_trainer(
         data_seed=config.train.seed,
     )
     trainer.remove_callback(PrinterCallback)  # the bridge reports logs as events; stdout stays clean
+    point_trackers_at(trainer, run_dir)
     return trainer, bridge
 
 

@@ -20,8 +20,9 @@ from rich.console import Console
 
 from engine.config import ConfigError, RunConfig, load_config, read_preset_file
 from engine.distributed import LAUNCHED_ENV
+from engine.notify import alert_terminal, end_message
 from engine.preflight import check_run_config
-from engine.runs import CONFIG_FILE, check_resumable, load_run_config, override_resumed_config
+from engine.runs import CONFIG_FILE, check_resumable, load_run_config, override_resumed_config, read_summary
 from engine.sinks import (
     EventSink,
     GuardedSink,
@@ -165,7 +166,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
-        return follow_run(run_dir, sink, should_stop=lambda: bool(interrupts), on_stop_sent=on_stop_sent)
+        code = follow_run(run_dir, sink, should_stop=lambda: bool(interrupts), on_stop_sent=on_stop_sent)
+        alert_terminal(end_message(read_summary(run_dir) or {"run_dir": str(run_dir)}), sys.stderr)
+        return code
     except ProcessVanished as exc:
         sys.stderr.write(f"finetui: error: {exc}\n")
         return EXIT_FAILED

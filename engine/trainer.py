@@ -51,6 +51,7 @@ from engine.faults import (
     oom_message,
 )
 from engine.freeze_map import compute_freeze_map
+from engine.notify import run_notify_command
 from engine.preflight import check_run_config
 from engine.runs import (
     CHECKPOINTS_DIR,
@@ -933,6 +934,8 @@ def _execute(
     except Exception as exc:
         return _failed(exc, config, run_dir, summary, events, session)
     finally:
+        if main:
+            run_notify_command(config.train.notify_command, summary, events)
         if session.memory is not None:
             session.memory.stop()
         for name in LOGGERS_BRIDGED:

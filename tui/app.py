@@ -30,6 +30,7 @@ from textual.worker import Worker, WorkerState
 
 from engine.config import ConfigError, build_config, field_errors
 from engine.events import Log, Step
+from tui.alerts import announce_end
 from tui.form import relativize_paths
 from tui.heavy import load_engine
 from tui.history import RunHistory
@@ -391,6 +392,8 @@ class FinetuiApp(App[None]):
     def _run_over(self) -> None:
         self._set_banner()
         history = self.history
+        if history is not None:
+            announce_end(self, history)
         if history is not None and history.status == "failed" and history.error:
             self.notify(history.error, title="run failed", severity="error", timeout=10)
         elif history is not None and history.status in ("finished", "stopped"):

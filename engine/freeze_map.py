@@ -324,7 +324,7 @@ def estimate_memory(
     if first_token_top and backward_blocks and not gradient_checkpointing:
         activations -= int((1 - FIRST_TOKEN_BLOCK_SHARE) * activations / backward_blocks)
     activations = max(activations, _forward_bytes(model, eval_batch_size or 2 * batch_size, seq_len, precision))
-    overhead = _cpu_overhead(model, weights, activations, planned) if device == "cpu" else 0
+    overhead = _cpu_overhead(model, weights, activations, planned, bool(trainable)) if device == "cpu" else 0
 
     parallel = ""
     if processes > 1:
@@ -352,19 +352,18 @@ def estimate_memory(
     )
 
 
-def _cpu_overhead(model: nn.Module, weights: int, activations: int, planned_4bit: set[int]) -> int:
-    """What a CPU process holds beyond the parts, as measured: `CPU_ACTIVATION_OVERHEAD` of the activations (glibc
-    keeps the memory each backward frees, fragmented), `CPU_FRAMEWORK_BYTES` plus `CPU_WEIGHTS_OVERHEAD` of the
-    weights (libraries, thread pools, the Trainer, the loader), and for 4-bit weights the fp32 copy the loader read
-    to quantise them, which stays with the allocator."""
+def _cpu_overhead(model: nn.Module, weights: int, activations: int, planned_4bit: set[int], trains: bool) -> int:
+    """What a CPU process holds beyond the parts, as measured (bench/MEMORY.md): `CPU_ACTIVATION_OVERHEAD` of the
+    activations (glibc keeps the memory each backward frees, fragmented); when it trains (the Trainer, its
+    optimizer and checkpoints; not `feature`), `CPU_FRAMEWORK_BYTES` plus `CPU_WEIGHTS_OVERHEAD` of the weights;
+    and for 4-bit weights the fp32 copy the loader read to quantise them, which stays with the allocator."""
     quantised = sum(
         parameter_count(parameter)
         for parameter in model.parameters()
         if id(parameter) in planned_4bit or _quantization(parameter) is not None
     )
-    return int(
-        CPU_ACTIVATION_OVERHEAD * activations + CPU_FRAMEWORK_BYTES + CPU_WEIGHTS_OVERHEAD * weights + 4 * quantised
-    )
+    training = CPU_FRAMEWORK_BYTES + CPU_WEIGHTS_OVERHEAD * weights if trains else 0
+    return int(CPU_ACTIVATION_OVERHEAD * activations + training + 4 * quantised)
 
 
 def _activation_bytes(

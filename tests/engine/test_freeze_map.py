@@ -170,6 +170,10 @@ def test_memory_estimate_formulas() -> None:
     overhead = CPU_ACTIVATION_OVERHEAD * full.activations_bytes + CPU_FRAMEWORK_BYTES + weights_share
     assert on_cpu.overhead_bytes == int(overhead)
     assert on_cpu.total_bytes == full.total_bytes + on_cpu.overhead_bytes
+    model.requires_grad_(False)  # `feature`: a forward at the eval batch, no Trainer
+    frozen = compute_freeze_map(model, batch_size=8, seq_len=64, precision="fp32", device="cpu").memory
+    assert frozen is not None and frozen.activations_bytes == 4 * 1024 * (336 + 128)
+    assert frozen.overhead_bytes == int(CPU_ACTIVATION_OVERHEAD * frozen.activations_bytes)
 
 
 def test_the_estimate_prices_weights_in_the_dtype_training_uses(shared_configs: Path) -> None:

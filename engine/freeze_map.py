@@ -356,14 +356,12 @@ def _cpu_overhead(model: nn.Module, weights: int, activations: int, planned_4bit
     """What a CPU process holds beyond the parts, as measured (bench/MEMORY.md): `CPU_ACTIVATION_OVERHEAD` of the
     activations (glibc keeps the memory each backward frees, fragmented); when it trains (the Trainer, its
     optimizer and checkpoints; not `feature`), `CPU_FRAMEWORK_BYTES` plus `CPU_WEIGHTS_OVERHEAD` of the weights;
-    and for 4-bit weights the fp32 copy the loader read to quantise them, which stays with the allocator."""
-    quantised = sum(
-        parameter_count(parameter)
-        for parameter in model.parameters()
-        if id(parameter) in planned_4bit or _quantization(parameter) is not None
-    )
+    and with 4-bit weights the fp32 checkpoint the loader read to quantise them, which stays resident."""
+    parameters = list(model.parameters())
+    quantised = any(id(parameter) in planned_4bit or _quantization(parameter) for parameter in parameters)
+    loaded = 4 * sum(parameter_count(parameter) for parameter in parameters) if quantised else 0
     training = CPU_FRAMEWORK_BYTES + CPU_WEIGHTS_OVERHEAD * weights if trains else 0
-    return int(CPU_ACTIVATION_OVERHEAD * activations + training + 4 * quantised)
+    return int(CPU_ACTIVATION_OVERHEAD * activations + training + loaded)
 
 
 def _activation_bytes(

@@ -1,4 +1,4 @@
-"""The headless command line: `finetui run | attach | inspect | data | eval | presets`.
+"""The headless command line: `finetui run | attach | inspect | data | eval | diff | rerun | presets`.
 
 Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr, never a traceback),
 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP (the run is checkpointed and resumable with `--resume`).
@@ -20,14 +20,15 @@ from rich.console import Console
 
 from engine.config import ConfigError, RunConfig, load_config, read_preset_file
 from engine.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_STOPPED
+from engine.notify import alert_terminal, end_message
 from engine.parallel import LAUNCHED_ENV
 from engine.preflight import check_data_config, check_run_config
 from engine.presets import bundled_presets, resolve_preset
-from engine.runs import check_resumable, load_run_config, override_resumed_config
+from engine.runs import CONFIG_FILE, check_resumable, load_run_config, override_resumed_config, read_summary
 from engine.sinks import EventSink, GuardedSink, JsonLinesSink
 from engine.views import RichProgressSink, TextLogSink, freeze_map_table, memory_table
 
-SUBCOMMANDS = ("run", "attach", "inspect", "data", "eval", "presets")
+SUBCOMMANDS = ("run", "attach", "inspect", "data", "eval", "diff", "rerun", "presets")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -146,7 +147,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
-        return follow_run(run_dir, sink, should_stop=lambda: bool(interrupts), on_stop_sent=on_stop_sent)
+        code = follow_run(run_dir, sink, should_stop=lambda: bool(interrupts), on_stop_sent=on_stop_sent)
+        alert_terminal(end_message(read_summary(run_dir) or {"run_dir": str(run_dir)}), sys.stderr)
+        return code
     except ProcessVanished as exc:
         sys.stderr.write(f"finetui: error: {exc}\n")
         return EXIT_FAILED
@@ -196,6 +199,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         Console().print("  ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """What differs between two runs: config keys, environment, data files, final metrics, loss curves."""
+    from engine.run_diff import diff_lines, diff_runs
+
+    diff = diff_runs(Path(args.run_a), Path(args.run_b))
+    if args.json:
+        _print_json(diff.to_dict())
+    else:
+        sys.stdout.write("\n".join(diff_lines(diff)) + "\n")
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """A new run with a run's recorded config.toml, after a warning for each way this machine differs from it."""
+    from engine.environment import rerun_warnings
+
+    run_dir = Path(args.run_dir)
+    for warning in rerun_warnings(run_dir):
+        sys.stderr.write(f"finetui: warning: {warning}\n")
+    defaults = vars(build_parser().parse_args(["run"]))
+    output_dir = args.output_dir or run_dir.parent
+    rerun = {"preset": str(run_dir / CONFIG_FILE), "output_dir": output_dir, "json": args.json}
+    return cmd_run(argparse.Namespace(**{**defaults, **rerun}))
 
 
 def _section_keys(section: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
@@ -303,7 +331,32 @@ def _add_presets(sub: Subparsers) -> None:
     presets.set_defaults(handler=cmd_presets)
 
 
-SUBCOMMAND_PARSERS = (_add_run, _add_attach, _add_inspect, _add_data, _add_eval, _add_presets)
+def _add_diff(sub: Subparsers) -> None:
+    diff = sub.add_parser("diff", help="what differs between two runs (config, environment, data, results)")
+    diff.add_argument("run_a", help="a run directory")
+    diff.add_argument("run_b", help="another run directory")
+    diff.add_argument("--json", action="store_true", help="one JSON object: config, environment, data, metrics, loss")
+    diff.set_defaults(handler=cmd_diff)
+
+
+def _add_rerun(sub: Subparsers) -> None:
+    rerun = sub.add_parser("rerun", help="train again with a run's recorded config; warns about what changed since")
+    rerun.add_argument("run_dir", help="a run directory")
+    rerun.add_argument("--output-dir", type=Path, default=None, help="parent of the new run (default: the run's)")
+    rerun.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    rerun.set_defaults(handler=cmd_rerun)
+
+
+SUBCOMMAND_PARSERS = (
+    _add_run,
+    _add_attach,
+    _add_inspect,
+    _add_data,
+    _add_eval,
+    _add_diff,
+    _add_rerun,
+    _add_presets,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

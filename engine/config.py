@@ -232,6 +232,14 @@ class TrainConfig(_Section):
     `paged_adamw_8bit` (bitsandbytes, CUDA: 8-bit states paged to host memory, for QLoRA), ..."""
     output_dir: str = "runs"
     """Where run directories (`<name>-<timestamp>/`) are created."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers the Trainer reports to, through its own integrations: TensorBoard writes into the run's
+    `tensorboard/` folder; wandb and mlflow follow their environment variables (WANDB_PROJECT, MLFLOW_TRACKING_URI).
+    Each needs its package: pip install 'finetui[tensorboard]' (or [wandb], [mlflow])."""
+    notify_command: str | list[str] | None = None
+    """A command run once when the run ends (finished, failed or stopped) with summary.json on its stdin, e.g. a mail
+    or chat hook: an argument list, or a string split like a shell would (no shell runs it). Its failure is
+    logged and never fails the run."""
 
     @field_validator("precision")
     @classmethod

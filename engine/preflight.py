@@ -7,6 +7,7 @@ where the data or model is actually read; this module only catches what needs no
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -56,6 +57,18 @@ def check_output_dir(output_dir: Path) -> None:
         raise ConfigError(f"train.output_dir: {probe} is not writable; choose another --output-dir")
 
 
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Every tracker in `train.report_to` has its package installed (the Trainer would fail only once it starts)."""
+    for tracker in report_to:
+        if not any(importlib.util.find_spec(package) for package in TRACKER_PACKAGES[tracker]):
+            raise ConfigError(
+                f"train.report_to: {tracker} is not installed; pip install 'finetui[{tracker}]' (or drop it)"
+            )
+
+
 def check_data_config(config: RunConfig) -> None:
     """Raise a one-line ConfigError for the data and model mistakes visible without loading anything."""
     data = config.data
@@ -77,4 +90,5 @@ def check_run_config(config: RunConfig, output_dir: Path | None = None) -> None:
     """Raise a one-line ConfigError for the mistakes visible without loading anything."""
     check_data_config(config)
     check_parallel_config(config)
+    check_trackers(config.train.report_to)
     check_output_dir(Path(output_dir or config.train.output_dir))

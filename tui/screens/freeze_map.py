@@ -220,8 +220,10 @@ class FreezeMapScreen(SetupScreenBase):
         )
         memory = report.get("memory")
         if memory:
-            parts = ("weights", "gradients", "optimizer", "activations")
-            text = " · ".join(f"{part} {format_bytes(memory[f'{part}_bytes'])}" for part in parts)
+            parts = ("weights", "gradients", "optimizer", "activations", "overhead")
+            text = " · ".join(
+                f"{part} {format_bytes(memory[f'{part}_bytes'])}" for part in parts if f"{part}_bytes" in memory
+            )
             self.query_one("#fm-memory", Static).update(
                 f"[b]memory[/] {format_bytes(memory['total_bytes'])} = {text}\n[dim]{memory['note']}[/]"
             )

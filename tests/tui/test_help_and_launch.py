@@ -103,3 +103,18 @@ async def test_the_footer_is_rebuilt_only_when_its_keys_change(tmp_path) -> None
         await pilot.pause()
         assert "f9 Ring" in screen_text(app)
         assert list(setup.query(FooterKey)) != keys_before
+
+
+async def test_the_footer_shows_whole_keys_only_and_follows_the_width(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    app = make_app(runs_dir=tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f4")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1]
+        assert footer.startswith("space Mark c Compare R Resume s Stop a Attach ? Help ^r Start ")
+        assert footer.rstrip().endswith("▏^p palette") and "^t" not in footer  # no `^t Bac`, nothing after it
+        await pilot.resize_terminal(120, 24)
+        await pilot.pause()
+        await pilot.pause()
+        assert "^t Background ^o Load ^s Save" in screen_text(app).splitlines()[-1]

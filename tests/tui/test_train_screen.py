@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ async def finish(app: FinetuiApp, pilot) -> None:  # type: ignore[no-untyped-def
 
 async def test_a_tiny_run_shows_its_loss_curve_finishes_and_reopens_from_the_runs_screen(tmp_path: Path) -> None:
     app = make_app(tiny_setup(tmp_path))
-    async with app.run_test(size=(100, 30)) as pilot:
+    async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("ctrl+r")
         await pilot.pause()
         assert isinstance(app.screen, TrainScreen)
@@ -67,7 +68,11 @@ async def test_a_tiny_run_shows_its_loss_curve_finishes_and_reopens_from_the_run
         assert list(chart.series[0].steps) == history.steps and list(chart.series[0].losses) == history.losses
         assert "step 6/6" in plain(view.query_one("#progress-text", Label))
         assert "finished" in app.run_banner and "finished" in plain(view.query_one("#run-title", Label))
-        assert "validation" in screen_text(app)
+        shown = screen_text(app)  # the whole summary above the fold of an 80x24 terminal
+        validation, test = history.latest_metrics("validation"), history.latest_metrics("test")
+        assert re.search(r"validation +test *\n", shown), shown
+        for name in ("loss", "accuracy", "f1"):
+            assert re.search(rf"{name} +{validation[name]:.4f} +{test[name]:.4f} ", shown), name
         run_dir = Path(history.run_dir or "")
         assert read_summary(run_dir)["status"] == "finished"
 

@@ -34,7 +34,12 @@ async def test_help_screen_and_command_palette(tmp_path) -> None:  # type: ignor
         assert "? Help" in screen_text(app)
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        assert "ctrl+r" in screen_text(app)
+        await pilot.pause()
+        lines = screen_text(app).splitlines()
+        assert any("ctrl+r" in line for line in lines)
+        first = next(line for line in lines if "ctrl+t " in line)
+        wrapped = lines[lines.index(first) + 1]  # the rest of its description, under the description
+        assert wrapped.index(wrapped.split()[1]) == first.index("start it in the background"), (first, wrapped)
         await pilot.press("escape")
         assert isinstance(app.screen, RunsScreen)
         await pilot.press("f1")

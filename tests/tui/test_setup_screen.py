@@ -146,3 +146,27 @@ def test_the_builtin_model_list_matches_the_engine() -> None:
         assert task == model.task
         number, unit = size.split()
         assert abs(float(number) * {"k": 1e3, "M": 1e6}[unit] - model.approx_params) / model.approx_params < 0.01
+
+
+async def test_at_80x24_a_long_error_shows_whole_under_its_field_and_checkboxes_say_their_state() -> None:
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        seed = app.screen.query_one("#f-train-seed", Input)
+        seed.focus()  # near the end of the form; the problem summary that appears on top pushes the form down
+        seed.value = ""
+        await pilot.press(*"abc")
+        await pilot.pause()
+        await pilot.pause()
+        expected = field_errors(app.setup_data)["train.seed"].removeprefix("train.seed: ")
+        lines = screen_text(app).splitlines()
+        row = next(index for index, line in enumerate(lines) if line.startswith(" seed "))
+        assert " ".join(line.strip() for line in lines[row + 1 : row + 3]) == expected  # two lines at 80
+        assert all(line.startswith(" " * 18) for line in lines[row + 1 : row + 3])
+
+        checkbox = app.screen.query_one("#f-train-gradient_checkpointing", Checkbox)
+        checkbox.focus()
+        await pilot.pause()
+        assert "grad checkpoint  ▐ ▌ off" in screen_text(app)
+        await pilot.press("space")
+        assert app.setup_data["train"]["gradient_checkpointing"] is True
+        assert "grad checkpoint  ▐X▌ on" in screen_text(app)

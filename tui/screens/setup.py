@@ -49,6 +49,23 @@ def _cell(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+class StateCheckbox(Checkbox):
+    """A form checkbox that says its state, `▐X▌ on` or `▐ ▌ off`: Textual's draws an X either way, only dimmer
+    when off, which reads as ticked."""
+
+    def __init__(self, value: bool, *, id: str) -> None:
+        super().__init__(value=value, id=id, compact=True)
+        self._show_state()
+
+    def watch_value(self) -> None:
+        self._show_state()
+        super().watch_value()
+
+    def _show_state(self) -> None:
+        self.BUTTON_INNER = "X" if self.value else " "
+        self.label = "on" if self.value else "off"
+
+
 class SetupScreen(MainScreen):
     MODE = "setup"
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]] | None] = [(0, "-narrow"), (150, "-wide")]
@@ -126,7 +143,7 @@ class SetupScreen(MainScreen):
                 compact=True,
             )
         elif field.kind == "bool":
-            widget = Checkbox("", value=bool(value), id=field.widget_id, compact=True)
+            widget = StateCheckbox(bool(value), id=field.widget_id)
         else:
             widget = Input(
                 to_text(field, value), id=field.widget_id, compact=True, placeholder=self._placeholder(field)
@@ -281,7 +298,21 @@ class SetupScreen(MainScreen):
             first = next(iter(errors.values())).removeprefix("preset: ")
             summary.update(f"[b]{count}[/] (marked red below): {first}")
         summary.display = bool(errors)
+        self._reveal_error()
         return errors
+
+    def on_descendant_focus(self) -> None:
+        self._reveal_error()
+
+    def _reveal_error(self) -> None:
+        """Scroll the focused field's error into view: under a field near the bottom, it was cut off."""
+        field = self._field_of(self.focused) if self.focused is not None else None
+        if field is None:
+            return
+        error = self.query_one(f"#err-{field.widget_id}", Label)
+        if error.display:
+            form = self.query_one("#setup-form", VerticalScroll)
+            self.call_after_refresh(form.scroll_to_widget, error, animate=False)
 
     def _refresh_visibility(self) -> None:
         data = self.finetui.setup_data

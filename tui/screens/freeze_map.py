@@ -233,11 +233,15 @@ class FreezeMapScreen(MainScreen):
             f"{format_count(report['trainable_params'])} ({report['trainable_percent']:.4g} %)"
         )
         memory = report.get("memory")
-        if memory:
-            parts = ("weights", "gradients", "optimizer", "activations")
-            text = " · ".join(f"{part} {format_bytes(memory[f'{part}_bytes'])}" for part in parts)
+        if memory:  # the sum on two aligned lines: at 80 columns one line wrapped inside a term
+            weights, gradients, optimizer, activations = (
+                f"{part} {format_bytes(memory[f'{part}_bytes'])}"
+                for part in ("weights", "gradients", "optimizer", "activations")
+            )
+            total = f"memory {format_bytes(memory['total_bytes'])} "
             self.query_one("#fm-memory", Static).update(
-                f"[b]memory[/] {format_bytes(memory['total_bytes'])} = {text}\n[dim]{memory['note']}[/]"
+                f"[b]{total}[/]= {weights} + {gradients}\n{' ' * len(total)}+ {optimizer} + {activations}\n"
+                f"[dim]{memory['note']}[/]"
             )
 
     def action_recompute(self) -> None:

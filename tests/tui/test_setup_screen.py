@@ -170,3 +170,19 @@ async def test_at_80x24_a_long_error_shows_whole_under_its_field_and_checkboxes_
         await pilot.press("space")
         assert app.setup_data["train"]["gradient_checkpointing"] is True
         assert "grad checkpoint  ▐X▌ on" in screen_text(app)
+
+
+async def test_at_80x24_the_file_and_preset_pickers_show_whole() -> None:
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+b")
+        await pilot.pause()
+        assert isinstance(app.screen, FilePickerScreen)
+        assert "or type a path and press enter" in screen_text(app)  # the path field under the tree
+        await pilot.press("escape", "ctrl+o")
+        await pilot.pause()
+        assert isinstance(app.screen, PresetPickerScreen)
+        lines = screen_text(app).splitlines()
+        first = next(line for line in lines if "features from frozen DistilBERT" in line)
+        wrapped = lines[lines.index(first) + 1]  # the description's second line, under its first
+        assert wrapped.index("regression (Raschka") == first.index("DistilBERT on IMDB"), (first, wrapped)

@@ -117,6 +117,8 @@ async def test_stop_asks_then_stops_with_a_checkpoint_and_the_runs_screen_resume
         run_dir = Path(history.run_dir or "")
         assert read_summary(run_dir)["status"] == "stopped"
         assert "stopped" in app.run_banner
+        notes = [note.message for note in app._notifications]
+        assert f"{run_dir.name} stopped with a checkpoint: R on the runs screen (F4) resumes it" in notes
 
         await pilot.press("f4")
         await finish(app, pilot)
@@ -132,7 +134,7 @@ async def test_stop_asks_then_stops_with_a_checkpoint_and_the_runs_screen_resume
 
 
 async def test_quitting_during_a_run_asks_first(
-    tmp_path: Path, first_step_gate: tuple[threading.Event, threading.Event]
+    tmp_path: Path, first_step_gate: tuple[threading.Event, threading.Event], capsys: pytest.CaptureFixture[str]
 ) -> None:
     reached, release = first_step_gate
     app = make_app(tiny_setup(tmp_path, max_steps=2000))
@@ -153,6 +155,11 @@ async def test_quitting_during_a_run_asks_first(
     assert app.session.history is not None and app.session.history.status == "stopped"
     assert app.session.history.checkpoint and Path(app.session.history.checkpoint).name == "checkpoint-2"
     assert app.return_code == 0
+    said = " ".join(capsys.readouterr().err.split())  # the shell shows how to continue the run
+    assert (
+        f"finetui: {Path(app.session.history.run_dir or '').name} stopped; continue it with: finetui run --resume"
+        in said
+    )
 
 
 async def test_a_failed_run_shows_its_error_and_the_app_stays_usable(tmp_path: Path) -> None:

@@ -680,24 +680,81 @@ def _prompts_and_responses(cfg: DataConfig, layout: str, batch: dict[str, list[A
 def _chat_split(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str]
 ) -> tuple[list[str], list[str]]:
-    """Render user/assistant turns with the tokenizer's chat template; cut each at the assistant content."""
+    """Render user/assistant turns with the tokenizer's chat template; cut each at the assistant content.
+
+    A row without a response (a prompt to generate from) gets the template's generation prompt instead.
+    """
     conversations = [
         [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         for prompt, response in zip(prompts, responses, strict=True)
     ]
     rendered: list[str] = tokenizer.apply_chat_template(conversations, tokenize=False)
     before, after = [], []
-    for text, response in zip(rendered, responses, strict=True):
+    for text, prompt, response in zip(rendered, prompts, responses, strict=True):
         content = response.strip()
-        start = text.rfind(content) if content else len(text)
+        if not content:  # a prompt to generate from (training drops rows without a response)
+            user = [{"role": "user", "content": prompt}]
+            before.append(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
+            after.append("")
+            continue
+        start = text.rfind(content)
         if start < 0:
             raise DataError(
                 "data.template chat: the chat template rewrites the response, so the prompt cannot be masked; "
                 'use data.template = "alpaca"'
             )
         before.append(text[:start])
-        after.append(text[start:] if content else "")
+        after.append(text[start:])
     return before, after
+
+
+def render_prompt(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> str:
+    """The text before the response, exactly as training renders it (the encoder renders through the same code).
+
+    `row` maps column names to values, as a data file's row does; the response column may be missing (a prompt
+    to generate from: a chat template then ends with its generation prompt). The layout follows from the row's
+    columns: one text column under `template = "none"` (no prompt), instruction/input (Alpaca) or prompt.
+    Training tokenises this text without special tokens and puts the tokenizer's leading special tokens (Llama's
+    <s>) before it, except under a chat template, which writes its own (`prompt_token_ids`).
+    """
+    layout = _row_layout(cfg, row)
+    response = {"alpaca": cfg.output_field, "prompt_response": cfg.response_field}.get(layout)
+    batch = {column: [value] for column, value in row.items()}
+    if response is not None and response not in batch:
+        batch[response] = [""]
+    prompts, _ = _rendered(cfg, tokenizer, layout, batch)
+    return prompts[0]
+
+
+def prompt_token_ids(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> list[int]:
+    """The token ids training puts before the response of this example (`render_prompt`, tokenised)."""
+    prompt = tokenizer(render_prompt(cfg, tokenizer, row), add_special_tokens=False)["input_ids"]
+    leading = [] if cfg.template == "chat" else _leading_special_ids(tokenizer)
+    return [*leading, *prompt]
+
+
+def _row_layout(cfg: DataConfig, row: dict[str, Any]) -> str:
+    """`_causal_layout` for one row, whose response may be missing."""
+    if cfg.template == "none" and cfg.text_field in row:
+        return "text"
+    if cfg.instruction_field in row:
+        return "alpaca"
+    if cfg.prompt_field in row:
+        return "prompt_response"
+    raise DataError(
+        f"a prompt needs a column {cfg.instruction_field!r} or {cfg.prompt_field!r} (columns: {', '.join(row)}); "
+        "set data.instruction_field or data.prompt_field"
+    )
+
+
+def _rendered(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: str, batch: dict[str, list[Any]]
+) -> tuple[list[str], list[str]]:
+    """Each row's prompt and response as training renders them: the template, then the chat template if used."""
+    prompts, responses = _prompts_and_responses(cfg, layout, batch)
+    if cfg.template == "chat":
+        return _chat_split(tokenizer, prompts, responses)
+    return prompts, responses
 
 
 def _causal_encoder(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int, layout: str) -> Encoder:
@@ -710,9 +767,7 @@ def _causal_encoder(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_len
     eos = tokenizer.eos_token_id
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        prompts, responses = _prompts_and_responses(cfg, layout, batch)
-        if chat:
-            prompts, responses = _chat_split(tokenizer, prompts, responses)
+        prompts, responses = _rendered(cfg, tokenizer, layout, batch)
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
         out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}

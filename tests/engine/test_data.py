@@ -23,7 +23,9 @@ from engine.data import (
     DataError,
     PreparedData,
     prepare_data,
+    prompt_token_ids,
     read_table,
+    render_prompt,
 )
 from tests.conftest import SHARED, needs_shared
 
@@ -449,6 +451,38 @@ def test_chat_template_masks_up_to_assistant_content(tmp_path: Path, byte_tokeni
     assert byte_tokenizer.decode(row["input_ids"]) == "<s>user\nCapital of France?</s>\n<s>assistant\nParis</s>\n"
     assert response_text(byte_tokenizer, row) == "Paris</s>\n"
     assert prepared.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "rows"),
+    [
+        ({}, [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+              {"instruction": "Add.", "input": "2 3", "output": "5"}]),
+        ({"template": "chat"}, [{"instruction": "Capital of France?", "input": "", "output": "Paris"}]),
+        ({"template": "none"}, [{"prompt": "Q: hi\nA: ", "response": "hello"},
+                                {"prompt": "Q: ok\nA: ", "response": "k"}]),
+        ({"template": "none"}, [{"text": "all of it is learned"}]),
+    ],
+)  # fmt: skip
+def test_render_prompt_tokens_are_the_masked_prompt_of_training(
+    tmp_path: Path, byte_tokenizer: Any, settings: dict[str, Any], rows: list[dict[str, Any]]
+) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(train=path, validation=path, **settings)
+    encoded = prepare_data(cfg, task="causal", tokenizer=byte_tokenizer, seed=0).validation
+    for row, example in zip(rows, encoded, strict=True):
+        masked = example["labels"].count(-100)
+        assert prompt_token_ids(cfg, byte_tokenizer, row) == example["input_ids"][:masked]
+        without_response = {key: value for key, value in row.items() if key not in ("output", "response", "text")}
+        if without_response:  # a prompt to generate from (a chat template ends with its generation prompt)
+            assert render_prompt(cfg, byte_tokenizer, without_response) == render_prompt(cfg, byte_tokenizer, row)
+    assert byte_tokenizer.decode(prompt_token_ids(cfg, byte_tokenizer, rows[0])).startswith("<s>")
+
+
+def test_render_prompt_without_a_prompt_column_is_one_line(byte_tokenizer: Any) -> None:
+    with pytest.raises(DataError) as error:
+        render_prompt(DataConfig(train="x.jsonl"), byte_tokenizer, {"question": "why?"})
+    assert_one_line(error, "a prompt needs a column 'instruction' or 'prompt'", "question")
 
 
 def test_chat_without_template_is_refused(tmp_path: Path, minilm_causal: Any) -> None:

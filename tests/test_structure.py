@@ -18,11 +18,19 @@ MAX_FUNCTION_LINES = 60
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # foundations: settings, events, atomic files, what a string names
-    ("engine", "engine.config", "engine.events", "engine.fsio", "engine.presets", "engine.sources"),
+    ("engine", "engine.config", "engine.events", "engine.fsio", "engine.presets", "engine.sources", "engine.sampling"),
     # run folders, processes of a run, where events go
     ("engine.parallel", "engine.runs", "engine.sinks", "engine.views", "engine.preflight", "engine.library_logs"),
     # models and data
-    ("engine.architecture", "engine.models", "engine.cache", "engine.freeze_map", "engine.data", "engine.devices"),
+    (
+        "engine.architecture",
+        "engine.models",
+        "engine.cache",
+        "engine.freeze_map",
+        "engine.data",
+        "engine.generation",
+        "engine.devices",
+    ),
     ("engine.model_card",),
     ("engine.strategies", "engine.strategies.*"),
     ("engine.training", "engine.training.*"),

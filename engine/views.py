@@ -1,5 +1,6 @@
 """What a person sees of a run in a terminal: the progress view of `finetui run`, freeze-map and memory tables,
-plain log lines for a detached run's `run.log`, and the number formats the TUI shares.
+plain log lines for a detached run's `run.log`, streamed answers, label bars and export stages of `generate`,
+`chat` and `export`, and the number formats the TUI shares.
 
 These are sinks (`emit(event)`) or helpers that only format; the engine's work never depends on them.
 """
@@ -20,6 +21,7 @@ from engine.events import (
     Checkpoint,
     Eval,
     Event,
+    ExportProgress,
     FreezeMapReady,
     Log,
     Progress,
@@ -28,6 +30,7 @@ from engine.events import (
     RunStarted,
     RunStopped,
     Step,
+    TokensGenerated,
 )
 
 
@@ -246,3 +249,45 @@ class RichProgressSink:
             self.console.print(Text(stopped_line(event, self._run_dir), style="yellow"))
         elif self.show_errors:  # the CLI reports a run's error itself, as one line on stderr
             self.console.print(f"[red]failed[/]: {event.error}")
+
+
+STOP_REASONS = {"end": "ended at an end token", "length": "reached max_new_tokens", "stopped": "stopped"}
+
+
+class AnswerStream:
+    """Prints an answer's text as it is generated (`TokensGenerated`), flushed piece by piece."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream or sys.stdout
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, TokensGenerated):
+            self._stream.write(event.text)
+            self._stream.flush()
+
+
+def answer_stats(tokens: int, tokens_per_second: float, stop_reason: str) -> str:
+    """`12 tokens, 35.1 tokens/s, ended at an end token`."""
+    return f"{tokens} tokens, {tokens_per_second:.1f} tokens/s, {STOP_REASONS.get(stop_reason, stop_reason)}"
+
+
+def label_bars(probabilities: dict[str, float], width: int = 30) -> str:
+    """One line per label, most likely first: name, a bar, the probability."""
+    names = max((len(name) for name in probabilities), default=0)
+    lines = []
+    for name, probability in sorted(probabilities.items(), key=lambda item: -item[1]):
+        filled = round(probability * width)
+        lines.append(f"{name:<{names}}  {'█' * filled}{'░' * (width - filled)}  {probability:.3f}")
+    return "\n".join(lines)
+
+
+class ExportProgressLines:
+    """`finetui export`'s stages as lines: `[2/6] the run's greedy answers to 4 fixed prompts`."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream or sys.stderr
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, ExportProgress):
+            self._stream.write(f"[{event.step}/{event.steps}] {event.message}\n")
+            self._stream.flush()

@@ -25,6 +25,7 @@ from textual.signal import Signal
 from textual.worker import Worker, WorkerState
 
 from engine.config import ConfigError, build_config, field_errors
+from tui.alerts import announce_end
 from tui.form import relativize_paths
 from tui.heavy import load_engine
 from tui.messages import EngineEvents, RunDetached, RunEnded, SetupChanged
@@ -266,10 +267,12 @@ class FinetuiApp(App[None]):
     def _run_over(self) -> None:
         self._set_banner()
         history = self.session.history
-        if history is not None and history.status == "failed" and history.error:
-            self.notify(history.error, title="run failed", severity="error", timeout=10)
-        elif history is not None and history.status in ("finished", "stopped"):
-            self.notify(f"{history.label}: {history.status}", title="run")
+        if history is not None:
+            announce_end(self, history)
+            if history.status == "failed" and history.error:
+                self.notify(history.error, title="run failed", severity="error", timeout=10)
+            elif history.status in ("finished", "stopped"):
+                self.notify(f"{history.label}: {history.status}", title="run")
         if self._quit_after_run:
             self.exit()
 

@@ -51,7 +51,7 @@ def train(
     config = {
         "name": kind,
         "model": {"id": model},
-        "data": data or splits | {"max_length": 256, "max_train_samples": 16, "max_eval_samples": 4},
+        "data": data or splits | {"max_length": 256, "max_train_samples": 16, "max_eval_samples": 4, "max_leak": 1.0},
         "strategy": {"kind": kind} | (strategy or {}),
         "train": {"max_steps": 2, "batch_size": 8, "lr": 2e-2, "output_dir": str(folder)} | settings,
     }

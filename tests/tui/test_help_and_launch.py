@@ -86,6 +86,21 @@ def test_the_first_screen_paints_before_torch_is_imported() -> None:
     assert float(seconds) < 5  # about 1 s on 2 cores; generous for loaded CI machines
 
 
+def test_the_background_warm_up_loads_the_whole_engine() -> None:
+    """Workers import the engine only through `load_engine`: transformers' lazy imports race across threads."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from tui.heavy import ENGINE_MODULES, load_engine
+        load_engine()
+        print(sorted(name for name in (*ENGINE_MODULES, "torch", "transformers", "peft") if name not in sys.modules))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 async def test_the_footer_is_rebuilt_only_when_its_keys_change(tmp_path) -> None:  # type: ignore[no-untyped-def]
     app = make_app(runs_dir=tmp_path)
     async with app.run_test(size=(120, 34)) as pilot:

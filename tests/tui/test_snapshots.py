@@ -47,6 +47,18 @@ def test_setup_screen_at_80x24_with_an_invalid_field(snap_compare) -> None:  # t
     assert snap_compare(make_app(setup), terminal_size=(80, 24), run_before=focus_lr)
 
 
+def test_setup_screen_data_report_at_80x24(snap_compare) -> None:  # type: ignore[no-untyped-def]
+    """The quickstart data cut to 16 tokens: the truncated examples, and the warning beside max length."""
+
+    async def scroll_to_report(pilot) -> None:  # type: ignore[no-untyped-def]
+        await settle(pilot)
+        pilot.app.screen.query_one("#data-report").scroll_visible(animate=False, top=True)
+        await pilot.pause()
+
+    setup = with_value(quickstart(), "data.max_length", 16)
+    assert snap_compare(make_app(setup), terminal_size=(80, 24), run_before=scroll_to_report)
+
+
 def test_freeze_map_screen(snap_compare) -> None:  # type: ignore[no-untyped-def]
     setup = with_value(quickstart(), "strategy.kind", "last_layers")
 

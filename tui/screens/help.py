@@ -54,6 +54,7 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("enter", "open a run: curves and summary from its events.jsonl, followed while written"),
             ("space, then c", "mark runs, then overlay their loss curves"),
+            ("space, then d", "mark two runs, then diff them: config, environment, data, metrics"),
             ("R (shift+r)", "resume a stopped, failed or interrupted run from its last checkpoint"),
             ("s", "stop a running run, whatever process trains it (asks first)"),
             ("a", "attach: follow a running run on the training screen (like `finetui attach`)"),

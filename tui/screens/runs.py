@@ -24,6 +24,7 @@ from tui.form import display_path, effective_value
 from tui.history import TERMINAL, RunHistory, best_metric
 from tui.messages import RunsListed
 from tui.screens.base import MainScreen
+from tui.screens.diff import DiffScreen
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.run_view import LossChart, RunView, series_of
 from tui.widgets.steady_footer import SteadyFooter
@@ -33,6 +34,12 @@ if TYPE_CHECKING:
 
 REFRESH_S = 3.0
 FOLLOW_S = 0.5
+
+
+def memory_ratio_text(summary: dict[str, Any] | None) -> str:
+    """The memory estimate over the measured peak (`summary.json` `memory`), e.g. 0.97x."""
+    ratio = ((summary or {}).get("memory") or {}).get("ratio")
+    return f"{ratio:.2f}x" if ratio else ""
 
 
 def best_text(summary: dict[str, Any] | None) -> str:
@@ -46,6 +53,7 @@ class RunsScreen(MainScreen):
         Binding("enter", "open", "Open", show=True),
         Binding("space", "mark", "Mark"),
         Binding("c", "compare", "Compare"),
+        Binding("d", "diff", "Diff"),
         Binding("R", "resume", "Resume"),
         Binding("s", "stop", "Stop"),
         Binding("a", "attach", "Attach"),
@@ -72,6 +80,7 @@ class RunsScreen(MainScreen):
             ("strategy", "strategy"),
             ("model", "model"),
             ("best", "best"),
+            ("mem est/peak", "memory"),
             ("started", "started"),
         ):
             table.add_column(label, key=key)
@@ -101,7 +110,7 @@ class RunsScreen(MainScreen):
         session = self.finetui.session
         self.query_one("#runs-folder", Label).update(
             f"{len(self.runs)} runs in {display_path(str(message.folder))}/ · enter opens · space marks · "
-            "c overlays the marked runs"
+            "c overlays the marked runs · d diffs two"
         )
         table = self.query_one("#runs-table", DataTable)
         keep = table.cursor_row
@@ -114,6 +123,7 @@ class RunsScreen(MainScreen):
                 run.strategy,
                 run.model.removeprefix("builtin:"),
                 best_text(run.summary),
+                memory_ratio_text(run.summary),
                 time.strftime("%m-%d %H:%M", time.localtime(run.started)),
                 key=str(run.path),
             )
@@ -160,6 +170,13 @@ class RunsScreen(MainScreen):
         self.marked ^= {run.path}
         table = self.query_one("#runs-table", DataTable)
         table.update_cell(str(run.path), "mark", "✓" if run.path in self.marked else "")
+
+    def action_diff(self) -> None:
+        paths = [run.path for run in self.runs if run.path in self.marked]
+        if len(paths) != 2:
+            self.notify("mark exactly two runs with space, then press d", severity="warning")
+            return
+        self.app.push_screen(DiffScreen(paths[0], paths[1]))
 
     def action_compare(self) -> None:
         paths = [run.path for run in self.runs if run.path in self.marked]

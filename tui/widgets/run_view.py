@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -59,6 +61,24 @@ class Series:
 def series_of(history: RunHistory, label: str | None = None) -> Series:
     eval_steps, eval_losses = history.eval_curve("loss")
     return Series(label or history.label, history.steps, history.losses, eval_steps, eval_losses)
+
+
+def memory_rows(freeze_map: dict[str, Any] | None, step: Step | None) -> list[tuple[str, str]]:
+    """The freeze map's memory estimate, and the measured peak so far with the ratio estimate / peak. They come
+    before RSS: the panel shows 7 rows, and the peak says more than the resident size now."""
+    estimate = ((freeze_map or {}).get("memory") or {}).get("total_bytes")
+    peak = step.memory_peak_bytes if step is not None else None
+    rows = []
+    if estimate:
+        rows.append(("mem est", short_bytes(estimate)))
+    if peak:
+        rows.append(("mem peak", short_bytes(peak) + (f" {estimate / peak:.2f}x" if estimate else "")))
+    return rows
+
+
+def short_bytes(count: float) -> str:
+    """Bytes in at most 9 characters (the side panel is narrow): 210 MiB, 12.5 GiB."""
+    return f"{count / 2**20:,.0f} MiB" if count < 10 * 2**30 else f"{count / 2**30:,.1f} GiB"
 
 
 class LossChart(PlotextPlot):
@@ -191,9 +211,9 @@ class RunView(Vertical):
                 return Text(f"run directory {display_path(event.run_dir)}{resumed}", style="dim")
             case RunFinished():
                 return Text("finished", style="green")
-            case RunStopped():
+            case RunStopped():  # the checkpoint by name: the run directory's path follows
                 run_dir = display_path(self.history.run_dir) if self.history and self.history.run_dir else None
-                checkpoint = display_path(event.checkpoint) if event.checkpoint else None
+                checkpoint = Path(event.checkpoint).name if event.checkpoint else None
                 return Text(stopped_line(replace(event, checkpoint=checkpoint), run_dir), style="yellow")
             case RunFailed():
                 return Text(f"failed: {event.error}", style="bold red")
@@ -253,6 +273,7 @@ class RunView(Vertical):
             ("grad norm", f"{step.grad_norm:.3g}" if step is not None and step.grad_norm is not None else "–"),
             ("samples/s", f"{position.samples_per_second:.1f}"),
             ("tokens/s", f"{position.tokens_per_second:,.0f}"),
+            *memory_rows(history.freeze_map, step),
             ("RSS", f"{position.memory_rss_mb:,.0f} MiB" if position.memory_rss_mb is not None else "–"),
         ]
         if step is not None and step.gpu_memory_mb is not None:

@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "engine.presets",
         "engine.sources",
         "engine.sampling",
+        "engine.generation_metrics",
     ),
     # run folders, processes of a run, where events go
     ("engine.parallel", "engine.runs", "engine.sinks", "engine.views", "engine.preflight", "engine.library_logs"),

@@ -85,6 +85,13 @@ class DataConfig(_Section):
     response_marker: str | None = None
     """`template = "none"` on one text column: the loss covers only the text after the last occurrence of this
     marker (e.g. "[/INST]" in Llama-2 chat text); rows without it are dropped."""
+    label_words: dict[str, str] | bool = False
+    """Classification data trained as causal data, for a decoder LM: a table {label = "word"} (e.g. {0 =
+    "negative", 1 = "positive"}), or true for the data's own string labels as the words. Each row becomes
+    `label_prompt` answered by its label's word; the loss falls on the word (and the end token that closes it)."""
+    label_prompt: str = "Classify the text as one of: {labels}.\n\nText: {text}"
+    """`label_words`: the prompt a row's text is put in, `{text}` standing for the text and `{labels}` for the
+    words (comma-separated); it then goes through `template` as any prompt does."""
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     """Share of train carved out (seeded by `train.seed`) when no validation data is given."""
     max_length: int = Field(default=256, ge=8, le=131072)
@@ -127,6 +134,34 @@ class DataConfig(_Section):
     def _columns_named(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and (not value or not all(value)):
             raise ValueError('must name at least one column, e.g. ["title", "description"]')
+        return value
+
+    @field_validator("label_words")
+    @classmethod
+    def _one_word_per_label(cls, value: dict[str, str] | bool) -> dict[str, str] | bool:
+        if value is True or value is False:
+            return value
+        if len(value) < 2:
+            raise ValueError('needs a word for each of two or more labels, e.g. {0 = "negative", 1 = "positive"}')
+        seen: dict[str, str] = {}
+        for label, word in value.items():
+            key = " ".join(word.casefold().split())
+            if not key:
+                raise ValueError(f"label {label}: the word is empty; give each label a word")
+            if key in seen:
+                raise ValueError(f"labels {seen[key]} and {label} share the word {word!r}; give each label its own")
+            seen[key] = label
+        return value
+
+    @field_validator("label_prompt")
+    @classmethod
+    def _prompt_places_the_text(cls, value: str) -> str:
+        try:
+            value.format(text="", labels="")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("may name only {text} and {labels} (write other braces doubled: {{ }})") from None
+        if "{text}" not in value:
+            raise ValueError("must contain {text}, where the row's text goes")
         return value
 
     @property

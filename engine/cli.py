@@ -21,6 +21,7 @@ from rich.console import Console
 
 from engine.config import ConfigError, RunConfig, load_config, read_preset_file
 from engine.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_STOPPED
+from engine.generation_metrics import METRICS
 from engine.inference import checks
 from engine.notify import alert_terminal, end_message
 from engine.parallel import LAUNCHED_ENV
@@ -36,8 +37,10 @@ from engine.views import (
     TextLogSink,
     answer_stats,
     freeze_map_table,
+    judged_line,
     label_bars,
     memory_table,
+    worst_row_lines,
 )
 
 SUBCOMMANDS = ("run", "attach", "inspect", "data", "eval", "generate", "chat", "export", "diff", "rerun", "presets")
@@ -203,6 +206,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Loss-based metrics of a run on a data file; with --generate, its generated answers scored."""
+    if args.generate or args.metric or args.base:
+        return _generate_eval(args)
     from engine.inference.evaluate import evaluate_run
 
     metrics = evaluate_run(Path(args.run_dir), args.data, args.set)
@@ -210,6 +216,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _print_json(metrics)
     else:
         Console().print("  ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _generate_eval(args: argparse.Namespace) -> int:
+    """`eval --generate`: answer every row, score the answers (and the base model's with --base), print the score
+    with its interval and the worst rows, and keep predictions.jsonl and result.json in the run's evaluations/."""
+    run = checks.usable_run(Path(args.run_dir))
+    checks.check_generate_eval(run, args.metric, generate=args.generate, base=args.base)
+    checks.check_data_file(args.data)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: give 1 or more prompts per batch")
+    settings = _settings(args)
+    from engine.inference import generation_eval as ge
+    from engine.inference.loading import load_run
+
+    request = ge.check_request(load_run_config(run.run_dir, args.set), args.data, args.metric)
+    loaded = load_run(run.run_dir, overrides=args.set)
+    for note in loaded.notes:
+        sys.stderr.write(f"finetui: {note}\n")
+    if request.words and args.max_new_tokens is None:
+        settings = ge.label_word_settings(loaded, request, settings)
+    judged = [ge.judge(loaded, request, settings, batch_size=args.batch_size)]
+    if args.base:
+        judged.append(ge.judge(loaded, request, settings, base=True, batch_size=args.batch_size))
+    records = ge.prediction_records(loaded, request, judged)
+    result = judged[0].record() | ({"base": judged[1].record()} if args.base else {})
+    saved = ge.save_evaluation(run.run_dir, args.data, records, result | {"data": str(Path(args.data).resolve())})
+    if args.json:
+        _print_json(judged[0].summary() | ({"base": judged[1].summary()} if args.base else {}))
+    else:
+        for judgement in judged:
+            sys.stdout.write(judged_line(judgement.model, judgement.record()) + "\n")
+        sys.stdout.write("worst rows (fine-tuned):\n" + "\n".join(worst_row_lines(ge.worst_rows(records))) + "\n")
+    sys.stderr.write(f"finetui: predictions written to {saved}\n")
     return 0
 
 
@@ -560,6 +600,15 @@ def _add_eval(sub: Subparsers) -> None:
     evaluate.add_argument("--data", required=True, help="data file (csv, tsv, json, jsonl, parquet) or hub id")
     evaluate.add_argument("--set", action="append", default=[], metavar="K=V", help=SET_HELP)
     evaluate.add_argument("--json", action="store_true", help="one JSON object of metrics on stdout")
+    evaluate.add_argument(
+        "--generate", action="store_true", help="causal runs: generate each row's answer and score it (see --metric)"
+    )
+    evaluate.add_argument(
+        "--metric", choices=METRICS, help="--generate: how answers are scored (default: from the references)"
+    )
+    evaluate.add_argument("--base", action="store_true", help="--generate: score the base model on the same rows too")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="--generate: prompts generated together")
+    _sampling_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
 

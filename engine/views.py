@@ -7,6 +7,7 @@ These are sinks (`emit(event)`) or helpers that only format; the engine's work n
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import IO, Any
@@ -287,6 +288,33 @@ def label_bars(probabilities: dict[str, float], width: int = 30) -> str:
         filled = round(probability * width)
         lines.append(f"{name:<{names}}  {'█' * filled}{'░' * (width - filled)}  {probability:.3f}")
     return "\n".join(lines)
+
+
+def judged_line(model: str, result: dict[str, Any]) -> str:
+    """`fine-tuned  exact 0.812 (95 % CI 0.771-0.847, wilson) on 400 rows, accuracy 0.812, macro-F1 0.809, ...`."""
+    low, high = result["interval"]
+    line = (
+        f"{model:<10}  {result['metric']} {result['score']:.3f} (95 % CI {low:.3f}-{high:.3f}, "
+        f"{result['interval_method']}) on {result['rows']} rows"
+    )
+    if "accuracy" in result:
+        line += f", accuracy {result['accuracy']:.3f}, macro-F1 {result['f1']:.3f}"
+        line += f", {result['outside_label_set']} answers outside the label set"
+    return f"{line}  ({result['rows_per_second']:.1f} rows/s)"
+
+
+def worst_row_lines(records: list[dict[str, Any]], width: int = 60) -> list[str]:
+    """The worst-scored rows: number, score, reference and output, each cut to `width` characters."""
+
+    def cut(text: Any) -> str:
+        flat = " ".join(str(text).split())
+        return json.dumps(flat if len(flat) <= width else flat[: width - 1] + "…", ensure_ascii=False)
+
+    return [
+        f"  row {record['row']}  score {record['score']:.2f}  reference {cut(record['reference'])}  "
+        f"output {cut(record['output'])}"
+        for record in records
+    ]
 
 
 class ExportProgressLines:

@@ -1,4 +1,4 @@
-"""What `finetui generate`, `chat` and `export` check before torch loads.
+"""What `finetui generate`, `chat`, `export` and `eval --generate` check before torch loads.
 
 Everything the command line and the run folder show is checked here, from files alone: a folder that is no run,
 a run with no model and no checkpoint, chat with a classifier, an empty prompt, an export folder that is not
@@ -105,3 +105,19 @@ def check_export(run: UsableRun, out: Path, *, adapter_only: bool, dtype: str | 
         )
     if adapter_only and dtype is not None:
         raise ConfigError("--dtype: an adapter is written as it trained; drop --dtype or --adapter-only")
+
+
+def check_generate_eval(run: UsableRun, metric: str | None, *, generate: bool, base: bool) -> None:
+    """`eval --generate` on a run that generates; --metric and --base only with --generate."""
+    if not generate:
+        given = [flag for flag, value in (("--metric", metric), ("--base", base)) if value]
+        if given:
+            raise ConfigError(f"{' and '.join(given)}: score generated answers; add --generate")
+        return
+    if run.task == "classification":
+        raise ConfigError(
+            f"--generate: {run.run_dir.name} is a classification run (a head scores the labels, nothing is "
+            "generated); drop --generate, or train a causal model with data.label_words to judge its answers"
+        )
+    if base:
+        check_base(run)

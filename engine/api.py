@@ -40,6 +40,11 @@ def prepare_run_dir(config: RunConfig, output_dir: Path | None = None) -> tuple[
     config = config.with_task(resolve_task(config.model))
     if config.model.task == "causal":  # `data.label_words = true`: the words recorded in config.toml
         config = config.model_copy(update={"data": resolve_label_words(config.data)})
+    elif config.train.sample_prompts or config.train.generation_metric:
+        raise ConfigError(
+            "train.sample_prompts and train.generation_metric: a classifier generates no text; they need a causal "
+            "LM (a classification dataset trains one with data.label_words)"
+        )
     return config, create_run_dir(config, output_dir)
 
 

@@ -236,7 +236,7 @@ def _generate_eval(args: argparse.Namespace) -> int:
     for note in loaded.notes:
         sys.stderr.write(f"finetui: {note}\n")
     if request.words and args.max_new_tokens is None:
-        settings = ge.label_word_settings(loaded, request, settings)
+        settings = ge.label_word_settings(loaded, settings)
     judged = [ge.judge(loaded, request, settings, batch_size=args.batch_size)]
     if args.base:
         judged.append(ge.judge(loaded, request, settings, base=True, batch_size=args.batch_size))

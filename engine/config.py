@@ -265,6 +265,16 @@ class TrainConfig(_Section):
     optim: str = "auto"
     """Optimizer, as TrainingArguments names it: `auto` (the Trainer's default AdamW), `adamw_torch`,
     `paged_adamw_8bit` (bitsandbytes, CUDA: 8-bit states paged to host memory, for QLoRA), ..."""
+    sample_prompts: list[str] | str = []
+    """Causal runs: prompts answered greedily at each evaluation, stored as `samples` events and shown under the
+    curves: a list of prompts (each rendered as an instruction through `data.template`, or as the text of
+    `data.label_words`), or "validation:N" for the first N validation rows."""
+    generation_metric: Literal["auto", "exact", "contains", "number", "rouge_l"] | None = None
+    """Causal runs: at each evaluation, answer the validation rows (`data.max_eval_samples` of them) and score the
+    answers as `finetui eval --generate` does (`auto`: the metric the references call for); the validation
+    metric `generation_<metric>` is plotted beside the validation loss."""
+    generation_max_new_tokens: int = Field(default=64, ge=1)
+    """The most tokens of each answer generated during training (label-word runs: the longest word's and 8 more)."""
     output_dir: str = "runs"
     """Where run directories (`<name>-<timestamp>/`) are created."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
@@ -275,6 +285,15 @@ class TrainConfig(_Section):
     """A command run once when the run ends (finished, failed or stopped) with summary.json on its stdin, e.g. a mail
     or chat hook: an argument list, or a string split like a shell would (no shell runs it). Its failure is
     logged and never fails the run."""
+
+    @field_validator("sample_prompts")
+    @classmethod
+    def _prompts_or_validation_rows(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str) and not re.fullmatch(r"validation:[1-9]\d*", value):
+            raise ValueError('must be a list of prompts or "validation:N" (the first N validation rows)')
+        if isinstance(value, list) and not all(prompt.strip() for prompt in value):
+            raise ValueError("holds an empty prompt; give each prompt some text")
+        return value
 
     @field_validator("precision")
     @classmethod

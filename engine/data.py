@@ -1093,6 +1093,51 @@ def label_word_table(cfg: DataConfig, values: list[Any]) -> dict[str, str]:
     return {label: label for label in labels}
 
 
+LABEL_WORD_NEW_TOKENS = 8
+"""Label-word runs answer in a word: tokens allowed beyond the longest word's before an answer is cut."""
+
+
+def label_word_new_tokens(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many tokens a label-word answer may take: the longest word's and `LABEL_WORD_NEW_TOKENS` more."""
+    words = label_word_table(cfg, []).values()
+    return max(len(tokenizer(word, add_special_tokens=False)["input_ids"]) for word in words) + LABEL_WORD_NEW_TOKENS
+
+
+def example_parts(cfg: DataConfig, row: dict[str, Any]) -> tuple[str, str]:
+    """What a causal example asks, as a person reads it (the text, instruction and input, or prompt), and the
+    answer it holds (its label word, output or response; "" when it has none)."""
+    text = cfg.text_separator.join(str(row[column]) for column in cfg.text_columns if row.get(column))
+    if cfg.label_words:
+        label = row.get(cfg.label_field)
+        return text, "" if _is_missing(label) else label_word_table(cfg, [label]).get(str(label), "")
+    if cfg.instruction_field in row:
+        asked, extra = str(row[cfg.instruction_field] or ""), str(row.get(cfg.input_field) or "")
+        return (f"{asked}\n\n{extra}" if extra.strip() else asked), str(row.get(cfg.output_field) or "")
+    if cfg.prompt_field in row:
+        return str(row[cfg.prompt_field] or ""), str(row.get(cfg.response_field) or "")
+    marker = cfg.response_marker
+    cut = text.rfind(marker) + len(marker) if marker and marker in text else len(text)
+    return text[:cut], text[cut:]
+
+
+def prompt_row(cfg: DataConfig, prompt: str) -> dict[str, Any]:
+    """A row asking `prompt`: the text of a label-word run, an instruction otherwise (rendered by `render_prompt`)."""
+    return {cfg.text_columns[0] if cfg.label_words else cfg.instruction_field: prompt}
+
+
+def split_rows(cfg: DataConfig, encoded: EncodedData, role: str) -> list[dict[str, Any]]:
+    """The rows of an encoded split that train, as read from their file, in the split's order (to generate from)."""
+    split = encoded.splits[role]
+    kept = [
+        row for row, reason in zip(column_values(split, ROW), column_values(split, DROPPED), strict=True) if not reason
+    ]
+    if role == "train" or (role == "validation" and encoded.carved):
+        table = read_data(cfg, cfg.train, "train")
+    else:
+        table = _read_extra_split(role, cfg.validation if role == "validation" else str(cfg.test), cfg)
+    return table.select(kept).to_list() if kept else []
+
+
 def resolve_label_words(cfg: DataConfig) -> DataConfig:
     """`cfg` with `label_words = true` replaced by its table: the string labels of the train data, sorted, as
     their own words (so that every prompt lists the same words, and the run's config.toml records them)."""

@@ -173,6 +173,21 @@ class ExportProgress(Event):
     message: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class Samples(Event):
+    """One sample prompt's answer at an evaluation during training (`train.sample_prompts`): how the model's answers
+    change as it trains. Each evaluation emits one per prompt, in the prompts' order."""
+
+    type: ClassVar[str] = "samples"
+    step: int
+    prompt: str
+    output: str
+    index: int = 0
+    """The prompt's position in the list of sample prompts."""
+    seconds: float = 0.0
+    """What generating at this evaluation took (the sample prompts and `train.generation_metric`'s rows)."""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (
@@ -189,6 +204,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TokensGenerated,
         GenerationDone,
         ExportProgress,
+        Samples,
     )
 }
 

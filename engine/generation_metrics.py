@@ -22,6 +22,10 @@ from functools import cache
 from typing import Any
 
 METRICS = ("exact", "contains", "number", "rouge_l")
+METRIC_PREFIX = "generation_"
+"""A generation metric among a run's validation metrics is `generation_<metric>` (`train.generation_metric`)."""
+COST_KEY = "generation_s"
+"""The validation metric holding the seconds an evaluation spent generating."""
 Z_95 = 1.959964  # the normal quantile of a two-sided 95 % interval
 BOOTSTRAP_RESAMPLES = 2000
 SHORT_LABEL_WORDS = 3  # references of at most this many words are labels: scored by exact match

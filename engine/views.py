@@ -30,6 +30,7 @@ from engine.events import (
     RunFinished,
     RunStarted,
     RunStopped,
+    Samples,
     Step,
     TokensGenerated,
 )
@@ -220,6 +221,9 @@ class RichProgressSink:
                 self.console.print(f"[cyan]{event.split}[/] @ step {event.step}: {metrics}")
             case Checkpoint():
                 self.console.print(f"[dim]checkpoint {event.path}[/]")
+            case Samples():
+                self.console.print(Text(f"  sample {event.index + 1} @ step {event.step}: ", style="magenta"), end="")
+                self.console.print(Text(f"{one_line(event.prompt, 40)} → {one_line(event.output, 60)}"))
             case Log():
                 style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
                 self.console.print(Text(event.message, style=style))
@@ -303,12 +307,17 @@ def judged_line(model: str, result: dict[str, Any]) -> str:
     return f"{line}  ({result['rows_per_second']:.1f} rows/s)"
 
 
+def one_line(text: Any, width: int) -> str:
+    """A text on one line (runs of whitespace as one space), cut to `width` characters with an ellipsis."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def worst_row_lines(records: list[dict[str, Any]], width: int = 60) -> list[str]:
     """The worst-scored rows: number, score, reference and output, each cut to `width` characters."""
 
     def cut(text: Any) -> str:
-        flat = " ".join(str(text).split())
-        return json.dumps(flat if len(flat) <= width else flat[: width - 1] + "…", ensure_ascii=False)
+        return json.dumps(one_line(text, width), ensure_ascii=False)
 
     return [
         f"  row {record['row']}  score {record['score']:.2f}  reference {cut(record['reference'])}  "

@@ -25,8 +25,6 @@ from engine.inference.predict import answer, row_prompt
 from engine.sampling import GenerationSettings
 
 EVALUATIONS_DIR = "evaluations"
-LABEL_WORD_NEW_TOKENS = 8
-"""Label-word runs answer in a word: tokens allowed beyond the longest word before an answer is cut."""
 WORST_ROWS = 5
 
 
@@ -138,11 +136,11 @@ def judge(
     return Judged("base" if base else "fine-tuned", outputs, scored, labels, elapsed)
 
 
-def label_word_settings(loaded: LoadedRun, request: Request, settings: GenerationSettings) -> GenerationSettings:
-    """Settings for a label-word run when --max-new-tokens was not given: an answer is a word, so it may take the
-    longest word's tokens and `LABEL_WORD_NEW_TOKENS` more (an answer in other words is wrong anyway)."""
-    longest = max(len(loaded.tokenizer(word, add_special_tokens=False)["input_ids"]) for word in request.words or [])
-    return settings.model_copy(update={"max_new_tokens": longest + LABEL_WORD_NEW_TOKENS})
+def label_word_settings(loaded: LoadedRun, settings: GenerationSettings) -> GenerationSettings:
+    """Settings for a label-word run when --max-new-tokens was not given: an answer is a word (an answer in other
+    words is wrong anyway), so it may take the longest word's tokens and a few more."""
+    new_tokens = data_lib.label_word_new_tokens(loaded.config.data, loaded.tokenizer)
+    return settings.model_copy(update={"max_new_tokens": new_tokens})
 
 
 def prediction_records(loaded: LoadedRun, request: Request, judged: list[Judged]) -> list[dict[str, Any]]:

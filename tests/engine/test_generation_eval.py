@@ -12,12 +12,15 @@ import pytest
 import tomli_w
 
 from engine.api import run_training
-from engine.config import build_config, config_to_dict
+from engine.config import ConfigError, build_config, config_to_dict
+from engine.data import label_word_new_tokens
+from engine.events import Eval, Samples
 from engine.inference import generation_eval as ge
 from engine.inference.loading import load_run
+from engine.runs import load_run_config
 from engine.sampling import GenerationSettings
 from engine.sinks import ListSink
-from tests.conftest import QUICKSTART_DATA, ROOT
+from tests.conftest import QUICKSTART_DATA, ROOT, SHARED, needs_shared, needs_smollm2, quickstart_data
 from tests.engine.test_use import INSTRUCTIONS, finetui
 
 SENTIMENT = QUICKSTART_DATA / "test.jsonl"
@@ -139,3 +142,76 @@ def test_bad_input_is_one_line_exit_2_before_the_model_loads(tmp_path: Path) -> 
             assert result.returncode == 2, (args, result.stderr)
             assert result.stderr.count("\n") == 1 and fragment in result.stderr, (args, result.stderr)
     assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == before
+
+
+def test_samples_and_the_generation_metric_at_each_evaluation(tmp_path: Path) -> None:
+    prompts = ["Say hello.", "Repeat the word apple 2 times."]
+    splits = {"train": str(INSTRUCTIONS / "train.jsonl"), "validation": str(INSTRUCTIONS / "validation.jsonl")}
+    config = {
+        "model": {"id": "builtin:tiny-llama"},
+        "data": splits | {"max_length": 256, "max_train_samples": 16, "max_eval_samples": 4, "max_leak": 1.0},
+        "strategy": {"kind": "lora"},
+        "train": {"max_steps": 3, "eval_steps": 1, "batch_size": 8, "output_dir": str(tmp_path)}
+        | {"sample_prompts": prompts, "generation_metric": "auto", "generation_max_new_tokens": 5},
+    }
+    sink = ListSink()
+    result = run_training(build_config(config), sink)
+    assert result.status == "finished", result.summary
+    samples = [event for event in sink.events if isinstance(event, Samples)]
+    assert [(s.step, s.index, s.prompt) for s in samples] == [
+        (step, i, prompts[i]) for step in (1, 2, 3) for i in (0, 1)
+    ]
+    assert all(s.seconds > 0 for s in samples)
+    validation = [event for event in sink.events if isinstance(event, Eval) and event.split == "validation"]
+    assert [event.step for event in validation] == [1, 2, 3]
+    for event in validation:  # the references are a few words: exact match, on the 4 validation rows
+        assert 0.0 <= event.metrics["generation_exact"] <= 1.0 and event.metrics["generation_s"] > 0
+    stored = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e for e in stored if e["type"] == "samples"] == [s.to_dict() for s in samples]
+    order = [event.type for event in sink.events if isinstance(event, Samples | Eval)]
+    assert order[:3] == ["samples", "samples", "eval"]  # an evaluation's samples come before its eval event
+
+
+def test_validation_rows_as_sample_prompts_of_a_label_word_run(tmp_path: Path) -> None:
+    data = quickstart_data(("train", "validation"), max_length=256, max_eval_samples=8, label_words=True)
+    train = {"max_steps": 1, "batch_size": 8, "output_dir": str(tmp_path), "sample_prompts": "validation:3"}
+    config = build_config({"model": {"id": "builtin:tiny-llama"}, "data": data, "strategy": {"kind": "lora"}} | {
+        "train": train | {"generation_metric": "exact"}})  # fmt: skip
+    sink = ListSink()
+    result = run_training(config, sink)
+    assert result.status == "finished", result.summary
+    validation = load_run_config(result.run_dir).data
+    assert validation.label_words == {"negative": "negative", "positive": "positive"}  # true, resolved
+    samples = [event for event in sink.events if isinstance(event, Samples)]
+    texts = [json.loads(line)["text"] for line in (QUICKSTART_DATA / "validation.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and all(sample.prompt in texts for sample in samples)
+    classifier = build_config({"model": {"id": "builtin:tiny-bert"}, "data": quickstart_data(), "train": train})
+    with pytest.raises(ConfigError, match="a classifier generates no text"):
+        run_training(classifier, ListSink())
+
+
+@pytest.mark.slow
+@needs_smollm2
+@needs_shared
+def test_smollm2_with_label_words_beats_its_own_zero_shot_answers(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct fine-tuned (LoRA) on 160 Rotten Tomatoes reviews as label words, scored on 60 reviews
+    of the official validation file (never trained on) against the same model with the adapter off."""
+    rotten = SHARED / "data" / "rotten_tomatoes"
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join((rotten / "validation.jsonl").read_text().splitlines(keepends=True)[::17][:60]))
+    data = {"train": str(rotten / "train.jsonl"), "max_train_samples": 160, "max_eval_samples": 16}
+    config = {
+        "model": {"id": "builtin:smollm2-135m"},
+        "data": data | {"label_words": {"0": "negative", "1": "positive"}, "template": "chat", "max_length": 96},
+        "strategy": {"kind": "lora", "r": 16, "target_modules": "all-linear"},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "output_dir": str(tmp_path)},
+    }
+    result = run_training(build_config(config), ListSink())
+    assert result.status == "finished", result.summary
+    loaded = load_run(result.run_dir)
+    request = ge.check_request(loaded.config, str(held_out), None)
+    settings = GenerationSettings(max_new_tokens=label_word_new_tokens(loaded.config.data, loaded.tokenizer))
+    tuned, zero_shot = (ge.judge(loaded, request, settings, base=base) for base in (False, True))
+    assert request.metric == "exact" and tuned.scored.rows == 60
+    assert tuned.scored.score > zero_shot.scored.score, (tuned.outputs[:5], zero_shot.outputs[:5])
+    assert tuned.labels is not None and tuned.labels.accuracy > 0.6

@@ -21,7 +21,7 @@ from engine import generation_metrics as gm
 from engine.config import ConfigError, DataConfig, RunConfig
 from engine.fsio import write_atomic
 from engine.inference.loading import LoadedRun
-from engine.inference.predict import answer, row_prompt
+from engine.inference.predict import answer
 from engine.sampling import GenerationSettings
 
 EVALUATIONS_DIR = "evaluations"
@@ -57,7 +57,7 @@ def check_request(config: RunConfig, source: str, metric: str | None) -> Request
         )
     if cfg.label_words:
         return _label_word_request(cfg, source, rows, metric)
-    references = ["" if row[column] is None else str(row[column]) for row in rows]
+    references = [data_lib.example_parts(cfg, row)[1] for row in rows]
     return Request(rows, references, metric or gm.default_metric(references), None)
 
 
@@ -65,7 +65,9 @@ def _reference_column(cfg: DataConfig, row: dict[str, Any]) -> str:
     """The column holding each row's reference answer."""
     if cfg.label_words:
         return cfg.label_field
-    if cfg.template == "none" and cfg.response_marker is None and all(column in row for column in cfg.text_columns):
+    if cfg.template == "none" and all(column in row for column in cfg.text_columns):
+        if cfg.response_marker is not None:
+            return cfg.text_columns[0]  # the reference is the text after the marker
         raise ConfigError(
             "--generate: the run trained on plain text (template none, no response_marker): its rows hold no "
             "reference answer to compare with; use finetui eval without --generate for loss and perplexity"
@@ -82,10 +84,7 @@ def _reference_column(cfg: DataConfig, row: dict[str, Any]) -> str:
 
 def _label_word_request(cfg: DataConfig, source: str, rows: list[dict[str, Any]], metric: str | None) -> Request:
     values = [row.get(cfg.label_field) for row in rows]
-    try:
-        data_lib.check_label_words(cfg, f"--data {source}", values)
-    except data_lib.DataError as exc:
-        raise ConfigError(str(exc)) from None
+    data_lib.check_label_words(cfg, f"--data {source}", values)
     table = data_lib.label_word_table(cfg, values)
     missing = next((number for number, value in enumerate(values, start=1) if value is None), None)
     if missing is not None:
@@ -148,7 +147,7 @@ def prediction_records(loaded: LoadedRun, request: Request, judged: list[Judged]
     cfg = loaded.config.data
     records = []
     for index, (row, reference) in enumerate(zip(request.rows, request.references, strict=True)):
-        prompt = str(row.get(cfg.text_field)) if cfg.label_words else row_prompt(cfg, row, "causal")
+        prompt = data_lib.example_parts(cfg, row)[0]
         record: dict[str, Any] = {"row": index + 1, "prompt": prompt, "reference": reference}
         for result in judged:
             prefix = "" if result is judged[0] else "base_"

@@ -111,7 +111,8 @@ def prompt_ids(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, row: dict[st
     """The token ids the model continues from: the prompt as training rendered it. Under template none, a text
     row has no prompt in training (all of it is learned): its text is the beginning to continue."""
     ids = data_lib.prompt_token_ids(cfg, tokenizer, row)
-    if cfg.template == "none" and cfg.text_field in row:
+    plain_text = cfg.template == "none" and not cfg.label_words and cfg.response_marker is None
+    if plain_text and cfg.text_field in row:
         ids += tokenizer(str(row[cfg.text_field]), add_special_tokens=False)["input_ids"]
     return ids
 

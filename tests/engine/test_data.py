@@ -30,6 +30,7 @@ from engine.data import (
     resolve_label_words,
 )
 from engine.data_report import check_data
+from engine.inference.predict import prompt_ids
 from tests.conftest import SHARED, needs_shared
 
 SHARED_DATA = SHARED / "data"
@@ -728,7 +729,7 @@ def test_label_words_put_the_loss_on_the_label_word_only(tmp_path: Path, byte_to
         assert response_text(byte_tokenizer, example) == f"{word}{end}"
         masked = example["labels"].count(-100)
         prompt = prompt_token_ids(cfg, byte_tokenizer, {"text": row["text"]})  # a row to answer: no label
-        assert example["input_ids"][:masked] == prompt
+        assert example["input_ids"][:masked] == prompt == prompt_ids(cfg, byte_tokenizer, row)  # as eval renders it
         rendered = byte_tokenizer.decode(prompt)
         assert row["text"] in rendered and "negative, positive" in rendered
 

@@ -51,8 +51,8 @@ def generation_probe(
         rows = data_lib.split_rows(cfg, encoded, "validation")
     parts = [data_lib.example_parts(cfg, row) for row in rows]
     if isinstance(train.sample_prompts, str):
-        count = int(train.sample_prompts.split(":")[1])
-        samples = [(parts[i][0], data_lib.prompt_token_ids(cfg, tokenizer, rows[i])) for i in range(len(rows[:count]))]
+        count = min(int(train.sample_prompts.split(":")[1]), len(rows))
+        samples = [(parts[i][0], data_lib.prompt_token_ids(cfg, tokenizer, rows[i])) for i in range(count)]
     else:
         samples = [(prompt, _prompt_ids(cfg, tokenizer, prompt)) for prompt in train.sample_prompts]
     metric, prompts, references = None, [], []

@@ -26,8 +26,9 @@ from textual.worker import Worker, WorkerState
 
 from engine.config import ConfigError, build_config, field_errors
 from tui.alerts import announce_end
-from tui.form import relativize_paths
+from tui.form import display_path, relativize_paths
 from tui.heavy import load_engine
+from tui.history import RunHistory
 from tui.messages import EngineEvents, RunDetached, RunEnded, SetupChanged
 from tui.presets import default_preset_path, load_preset, preset_files, save_preset
 from tui.screens.base import one_line
@@ -271,10 +272,27 @@ class FinetuiApp(App[None]):
             announce_end(self, history)
             if history.status == "failed" and history.error:
                 self.notify(history.error, title="run failed", severity="error", timeout=10)
-            elif history.status in ("finished", "stopped"):
-                self.notify(f"{history.label}: {history.status}", title="run")
+            elif history.status == "stopped":
+                self.notify(self._stopped_text(history.label, history.checkpoint), title="run stopped", timeout=10)
+            elif history.status == "finished":
+                self.notify(f"{history.label}: finished", title="run")
         if self._quit_after_run:
-            self.exit()
+            self.exit(message=self._resume_line(history))
+
+    @staticmethod
+    def _stopped_text(label: str, checkpoint: str | None) -> str:
+        if checkpoint:
+            return f"{label} stopped with a checkpoint: R on the runs screen (F4) resumes it"
+        return f"{label} stopped before its first checkpoint: R on the runs screen (F4) trains it again from the start"
+
+    @staticmethod
+    def _resume_line(history: RunHistory | None) -> str | None:
+        """What the shell shows once the app stopped its run and quit: the command that continues the run."""
+        if history is None or history.status != "stopped" or not history.run_dir:
+            return None
+        return (
+            f"finetui: {history.label} stopped; continue it with: finetui run --resume {display_path(history.run_dir)}"
+        )
 
     def _set_banner(self) -> None:
         self._banner_dirty = False

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from textual.widgets import Collapsible, DataTable, Input, Label, Select, Static
 from textual.widgets._collapsible import CollapsibleTitle
 
 from engine.config import field_errors
-from tests.tui.conftest import make_app, plain, quickstart, screen_text
+from tests.tui.conftest import make_app, plain, quickstart, screen_text, wait_for
 from tui.form import MISSING, with_value
 from tui.screens.dialogs import FilePickerScreen, PresetPickerScreen, SavePresetScreen
 from tui.screens.setup import SetupScreen
@@ -185,11 +186,8 @@ async def test_the_data_report_follows_the_setup_and_puts_findings_beside_their_
         assert plain(report.query_one("#report-reasons", Static)).startswith("train: 1 empty text (row 61)")
 
         screen.query_one("#f-data-max_length", Input).value = "128"  # a change: the report follows
-        await pilot.pause(0.6)
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await wait_for(pilot, lambda: "(max_length 128)" in plain(report.query_one("#report-status", Label)))
         assert not screen.query_one("#warn-f-data-max_length", Label).display
-        assert "(max_length 128)" in plain(report.query_one("#report-status", Label))
 
 
 async def test_the_data_report_shows_a_causal_example_with_its_loss_tokens(tmp_path: Path) -> None:
@@ -214,3 +212,43 @@ async def test_the_data_report_shows_a_causal_example_with_its_loss_tokens(tmp_p
         assert "### Instruction:\nSay hi.\n\n### Response:\nhi 0</s>" in shown
         loss = "".join(shown[span.start : span.end] for span in text.spans if "green" in str(span.style))
         assert loss == "hi 0</s>"
+
+
+async def test_at_80x24_a_long_error_shows_whole_under_its_field_and_yes_no_fields_say_their_state() -> None:
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        seed = app.screen.query_one("#f-train-seed", Input)
+        seed.focus()  # near the end of the form; the problem summary that appears on top pushes the form down
+        seed.value = ""
+        await pilot.press(*"abc")
+        await pilot.pause()
+        await pilot.pause()
+        expected = field_errors(app.setup_data)["train.seed"].removeprefix("train.seed: ")
+        lines = screen_text(app).splitlines()
+        row = next(index for index, line in enumerate(lines) if line.startswith(" seed "))
+        assert " ".join(line.strip() for line in lines[row + 1 : row + 3]) == expected  # two lines at 80
+        assert all(line.startswith(" " * 18) for line in lines[row + 1 : row + 3])
+
+        app.screen.query_one("#f-train-gradient_checkpointing", Select).focus()
+        await pilot.pause()
+        assert re.search(r"grad checkpoint +off", screen_text(app))
+        await pilot.press("enter", "down", "enter")
+        await pilot.pause()
+        assert app.setup_data["train"]["gradient_checkpointing"] is True
+        assert re.search(r"grad checkpoint +on", screen_text(app))
+
+
+async def test_at_80x24_the_file_and_preset_pickers_show_whole() -> None:
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+b")
+        await pilot.pause()
+        assert isinstance(app.screen, FilePickerScreen)
+        assert "or type a path and press enter" in screen_text(app)  # the path field under the tree
+        await pilot.press("escape", "ctrl+o")
+        await pilot.pause()
+        assert isinstance(app.screen, PresetPickerScreen)
+        lines = screen_text(app).splitlines()
+        first = next(line for line in lines if "features from frozen DistilBERT" in line)
+        wrapped = lines[lines.index(first) + 1]  # the description's second line, under its first
+        assert wrapped.index("regression (Raschka") == first.index("DistilBERT on IMDB"), (first, wrapped)

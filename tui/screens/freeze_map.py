@@ -219,13 +219,13 @@ class FreezeMapScreen(SetupScreenBase):
             f"{format_count(report['trainable_params'])} ({report['trainable_percent']:.4g} %)"
         )
         memory = report.get("memory")
-        if memory:
+        if memory:  # the sum two terms a line, aligned: at 80 columns one line wrapped inside a term
             parts = ("weights", "gradients", "optimizer", "activations", "overhead")
-            text = " · ".join(
-                f"{part} {format_bytes(memory[f'{part}_bytes'])}" for part in parts if f"{part}_bytes" in memory
-            )
+            terms = [f"{part} {format_bytes(memory[f'{part}_bytes'])}" for part in parts if f"{part}_bytes" in memory]
+            total = f"memory {format_bytes(memory['total_bytes'])} "
+            lines = [" + ".join(terms[start : start + 2]) for start in range(0, len(terms), 2)]
             self.query_one("#fm-memory", Static).update(
-                f"[b]memory[/] {format_bytes(memory['total_bytes'])} = {text}\n[dim]{memory['note']}[/]"
+                f"[b]{total}[/]= " + f"\n{' ' * len(total)}+ ".join(lines) + f"\n[dim]{memory['note']}[/]"
             )
 
     def action_recompute(self) -> None:

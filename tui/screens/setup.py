@@ -281,7 +281,21 @@ class SetupScreen(SetupScreenBase):
             first = next(iter(errors.values())).removeprefix("preset: ")
             summary.update(f"[b]{count}[/] (marked red below): {first}")
         summary.display = bool(errors)
+        self._reveal_error()
         return errors
+
+    def on_descendant_focus(self) -> None:
+        self._reveal_error()
+
+    def _reveal_error(self) -> None:
+        """Scroll the focused field's error into view: under a field near the bottom, it was cut off."""
+        field = self._field_of(self.focused) if self.focused is not None else None
+        if field is None:
+            return
+        error = self.query_one(f"#err-{field.widget_id}", Label)
+        if error.display:
+            form = self.query_one("#setup-form", VerticalScroll)
+            self.call_after_refresh(form.scroll_to_widget, error, animate=False)
 
     def _refresh_visibility(self) -> None:
         data = self.finetui.setup_data

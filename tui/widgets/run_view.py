@@ -245,13 +245,16 @@ class RunView(Vertical):
         assert history is not None
         status = "stopping…" if history.active and history.stop_requested else history.status
         style = STATUS_STYLE.get(history.status, "")
-        parts = [history.label, history.strategy, history.model]
+        parts = [history.label, history.strategy, history.model.removeprefix("builtin:")]
         title = " · ".join(part for part in parts if part)
         self.query_one("#run-title", Label).update(f"[{style} b]{status}[/]  {title}", layout=False)
         if self._set_text("#run-error", f"error: {history.error}" if history.error else ""):
             self.query_one("#run-error").display = bool(history.error)
         self._update_progress(history)
-        self.query_one("#run-stats", Static).update(self._stats(history), layout=False)
+        stats = self._stats(history)
+        shown = self._texts.get("#run-stats", "")
+        self._texts["#run-stats"] = stats
+        self.query_one("#run-stats", Static).update(stats, layout=not shown or stats.count("\n") != shown.count("\n"))
         self._set_text("#run-metrics", self._metrics(history))
         if self._set_text("#run-samples", samples_text(history, max(20, self.size.width - 4))):
             self.query_one("#run-samples").display = bool(history.samples)
@@ -308,12 +311,24 @@ class RunView(Vertical):
 
     @staticmethod
     def _metrics(history: RunHistory) -> str:
-        lines = []
-        for split in ("validation", "test"):
-            metrics = history.latest_metrics(split)
-            if metrics:
-                lines.append(f"[b]{split}[/]")
-                lines.extend(f"  {name:<9}{value:.4f}" for name, value in metrics.items() if name != "perplexity")
-                if "perplexity" in metrics:
-                    lines.append(f"  {'ppl':<9}{metrics['perplexity']:.4g}")
-        return "\n".join(lines)
+        """The latest metrics as a small table, one column per split: validation and test side by side fit the
+        side panel of an 80x24 terminal (one block per split fell below its fold)."""
+        splits = {split: history.latest_metrics(split) for split in ("validation", "test")}
+        splits = {split: metrics for split, metrics in splits.items() if metrics}
+        if not splits:
+            return ""
+        names = list(dict.fromkeys(name for metrics in splits.values() for name in metrics))
+        names.sort(key=lambda name: name == "perplexity")  # last, as in the log
+
+        def cell(split: str, name: str) -> str:
+            value = splits[split].get(name)
+            return "–" if value is None else f"{value:.4g}" if name == "perplexity" else f"{value:.4f}"
+
+        widths = {split: max(len(split), *(len(cell(split, name)) for name in names)) for split in splits}
+        header = " ".join(f"{split:>{widths[split]}}" for split in splits)
+        rows = [" " * 10 + f"[b]{header}[/]"]
+        for name in names:
+            label = "ppl" if name == "perplexity" else name
+            values = " ".join(f"{cell(split, name):>{widths[split]}}" for split in splits)
+            rows.append(f"{label[:9]:<10}{values}")
+        return "\n".join(rows)

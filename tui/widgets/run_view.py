@@ -256,7 +256,7 @@ class RunView(Vertical):
         self._texts["#run-stats"] = stats
         self.query_one("#run-stats", Static).update(stats, layout=not shown or stats.count("\n") != shown.count("\n"))
         self._set_text("#run-metrics", self._metrics(history))
-        if self._set_text("#run-samples", samples_text(history, max(20, self.size.width - 4))):
+        if self._set_text("#run-samples", samples_text(history, max(40, self.app.size.width - 4))):
             self.query_one("#run-samples").display = bool(history.samples)
 
     def _set_text(self, selector: str, text: str) -> bool:

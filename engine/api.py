@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import ConfigError, RunConfig
+from engine.data import resolve_label_words
 from engine.events import RunResult
 from engine.launch.processes import materialise_model, spawn
 from engine.launch.workers import run_launched
@@ -37,6 +38,13 @@ def prepare_run_dir(config: RunConfig, output_dir: Path | None = None) -> tuple[
     quiet_library_output()
     check_run_config(config, output_dir)
     config = config.with_task(resolve_task(config.model))
+    if config.model.task == "causal":  # `data.label_words = true`: the words recorded in config.toml
+        config = config.model_copy(update={"data": resolve_label_words(config.data)})
+    elif config.train.sample_prompts or config.train.generation_metric:
+        raise ConfigError(
+            "train.sample_prompts and train.generation_metric: a classifier generates no text; they need a causal "
+            "LM (a classification dataset trains one with data.label_words)"
+        )
     return config, create_run_dir(config, output_dir)
 
 

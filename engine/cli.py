@@ -1,4 +1,5 @@
-"""The headless command line: `finetui run | attach | inspect | data | eval | diff | rerun | presets`.
+"""The headless command line: `finetui run | attach | inspect | data | eval | generate | chat | export | diff |
+rerun | presets`.
 
 Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr, never a traceback),
 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP (the run is checkpointed and resumable with `--resume`).
@@ -20,15 +21,29 @@ from rich.console import Console
 
 from engine.config import ConfigError, RunConfig, load_config, read_preset_file
 from engine.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_STOPPED
+from engine.generation_metrics import METRICS
+from engine.inference import checks
 from engine.notify import alert_terminal, end_message
 from engine.parallel import LAUNCHED_ENV
 from engine.preflight import check_data_config, check_run_config
 from engine.presets import bundled_presets, resolve_preset
 from engine.runs import CONFIG_FILE, check_resumable, load_run_config, override_resumed_config, read_summary
+from engine.sampling import GenerationSettings
 from engine.sinks import EventSink, GuardedSink, JsonLinesSink
-from engine.views import RichProgressSink, TextLogSink, freeze_map_table, memory_table
+from engine.views import (
+    AnswerStream,
+    ExportProgressLines,
+    RichProgressSink,
+    TextLogSink,
+    answer_stats,
+    freeze_map_table,
+    judged_line,
+    label_bars,
+    memory_table,
+    worst_row_lines,
+)
 
-SUBCOMMANDS = ("run", "attach", "inspect", "data", "eval", "diff", "rerun", "presets")
+SUBCOMMANDS = ("run", "attach", "inspect", "data", "eval", "generate", "chat", "export", "diff", "rerun", "presets")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -191,6 +206,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Loss-based metrics of a run on a data file; with --generate, its generated answers scored."""
+    if args.generate or args.metric or args.base:
+        return _generate_eval(args)
     from engine.inference.evaluate import evaluate_run
 
     metrics = evaluate_run(Path(args.run_dir), args.data, args.set)
@@ -198,6 +216,221 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _print_json(metrics)
     else:
         Console().print("  ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _generate_eval(args: argparse.Namespace) -> int:
+    """`eval --generate`: answer every row, score the answers (and the base model's with --base), print the score
+    with its interval and the worst rows, and keep predictions.jsonl and result.json in the run's evaluations/."""
+    run = checks.usable_run(Path(args.run_dir))
+    checks.check_generate_eval(run, args.metric, generate=args.generate, base=args.base)
+    checks.check_data_file(args.data)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: give 1 or more prompts per batch")
+    settings = _settings(args)
+    from engine.inference import generation_eval as ge
+    from engine.inference.loading import load_run
+
+    request = ge.check_request(load_run_config(run.run_dir, args.set), args.data, args.metric)
+    loaded = load_run(run.run_dir, overrides=args.set)
+    for note in loaded.notes:
+        sys.stderr.write(f"finetui: {note}\n")
+    if request.words and args.max_new_tokens is None:
+        settings = ge.label_word_settings(loaded, settings)
+    judged = [ge.judge(loaded, request, settings, batch_size=args.batch_size)]
+    if args.base:
+        judged.append(ge.judge(loaded, request, settings, base=True, batch_size=args.batch_size))
+    records = ge.prediction_records(loaded, request, judged)
+    result = judged[0].record() | ({"base": judged[1].record()} if args.base else {})
+    saved = ge.save_evaluation(run.run_dir, args.data, records, result | {"data": str(Path(args.data).resolve())})
+    if args.json:
+        _print_json(judged[0].summary() | ({"base": judged[1].summary()} if args.base else {}))
+    else:
+        for judgement in judged:
+            sys.stdout.write(judged_line(judgement.model, judgement.record()) + "\n")
+        sys.stdout.write("worst rows (fine-tuned):\n" + "\n".join(worst_row_lines(ge.worst_rows(records))) + "\n")
+    sys.stderr.write(f"finetui: predictions written to {saved}\n")
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> GenerationSettings:
+    return GenerationSettings.checked(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Answer a prompt (or every row of --data) with a run's model, the base model, or both."""
+    run = _check_generate(args)
+    settings = _settings(args)
+    from engine.inference import predict
+    from engine.inference.loading import load_run
+
+    loaded = load_run(run.run_dir)
+    for note in loaded.notes:
+        sys.stderr.write(f"finetui: {note}\n")
+    rows = predict.request_rows(loaded, prompt=args.prompt, data=args.data)
+    stream = not args.json and args.prompt is not None
+    if loaded.task == "classification":
+        records = _classified(loaded, rows, show=stream)
+    else:
+        records = _generated(loaded, rows, settings, args, stream=stream)
+    for row, record in zip(rows, records, strict=True):
+        reference = predict.row_reference(loaded.config.data, row, loaded.task)
+        if args.data is not None and reference is not None:
+            record["reference"] = reference
+        if args.json:
+            _print_json(record)
+    if args.data is not None:
+        from engine.fsio import write_atomic
+
+        write_atomic(args.out, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+        sys.stderr.write(f"finetui: {len(records)} predictions written to {args.out}\n")
+    return 0
+
+
+def _check_generate(args: argparse.Namespace) -> checks.UsableRun:
+    """What the command line and the run folder show, checked before torch loads."""
+    run = checks.usable_run(Path(args.run_dir))
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: give 1 or more prompts per batch")
+    if args.prompt is not None:
+        checks.check_prompts([args.prompt])
+    else:
+        checks.check_data_file(args.data)
+    if args.base or args.compare:
+        checks.check_base(run)
+    return run
+
+
+def _classified(loaded: Any, rows: list[dict[str, Any]], *, show: bool) -> list[dict[str, Any]]:
+    from engine.inference.predict import label_probabilities, row_prompt
+
+    prompts = [row_prompt(loaded.config.data, row, loaded.task) for row in rows]
+    answers = label_probabilities(loaded, prompts)
+    if show:
+        sys.stdout.write(label_bars(answers[0].probabilities) + "\n")
+    return [
+        {
+            "prompt": prompt,
+            "label_probabilities": answer.probabilities,
+            "label": answer.label,
+            "tokens": answer.tokens,
+            "tokens_per_second": answer.tokens_per_second,
+        }
+        for prompt, answer in zip(prompts, answers, strict=True)
+    ]
+
+
+def _generated(
+    loaded: Any, rows: list[dict[str, Any]], settings: GenerationSettings, args: argparse.Namespace, *, stream: bool
+) -> list[dict[str, Any]]:
+    """Answers of the fine-tuned model (`--base`: the base; `--compare`: both, base first), as JSON records."""
+    from engine.inference.predict import BASE, FINE_TUNED, answer, row_prompt
+
+    models = [BASE, FINE_TUNED] if args.compare else [BASE] if args.base else [FINE_TUNED]
+    records = [{"prompt": row_prompt(loaded.config.data, row, "causal")} for row in rows]
+    for name in models:
+        if stream and len(models) > 1:
+            sys.stdout.write(f"── {name} ──\n")
+        sink = AnswerStream() if stream else None
+        answers = answer(loaded, rows, settings, base=name == BASE, sink=sink, batch_size=args.batch_size)
+        for record, reply in zip(records, answers, strict=True):
+            fields = {"output": reply.text, "tokens": reply.tokens, "tokens_per_second": reply.tokens_per_second}
+            if name == models[-1]:
+                record.update(fields, model=name)
+            else:
+                record[BASE] = fields
+        if stream:
+            sys.stdout.write("\n")
+            sys.stderr.write(
+                f"({name}: {answer_stats(answers[0].tokens, answers[0].tokens_per_second, answers[0].stop_reason)})\n"
+            )
+    return records
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A multi-turn conversation with a run's causal LM on the terminal, streamed; Ctrl-D ends it."""
+    run = checks.usable_run(Path(args.run_dir))
+    checks.check_chat(run)
+    settings = _settings(args)
+    from engine.inference.loading import load_run
+    from engine.inference.predict import Chat
+
+    loaded = load_run(run.run_dir)
+    for note in loaded.notes:
+        sys.stderr.write(f"finetui: {note}\n")
+    chat = Chat(loaded, settings)
+    sys.stderr.write(
+        f"finetui: chatting with {run.run_dir.name} (fine-tuned). /base switches to the base model and back, "
+        "/reset clears the conversation, Ctrl-C stops an answer, Ctrl-D ends.\n"
+    )
+    while True:
+        try:
+            text = (input("you> ") if sys.stdin.isatty() else input()).strip()
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            continue
+        if text:
+            _chat_turn(chat, text)
+
+
+def _chat_turn(chat: Any, text: str) -> None:
+    """One line of `finetui chat`: a command (/reset, /base) or a message answered as it is generated."""
+    if text == "/reset":
+        chat.reset()
+        sys.stderr.write("(conversation cleared)\n")
+        return
+    if text == "/base":
+        chat.base = not chat.base
+        sys.stderr.write(f"(now answering: {'base' if chat.base else 'fine-tuned'} model)\n")
+        return
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: stop.set())
+    try:
+        reply = chat.reply(text, sink=AnswerStream(), stop=stop)
+    except ConfigError as exc:  # the base of a full run does not fit in memory
+        chat.base = False
+        sys.stderr.write(f"finetui: {exc}\n")
+        return
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    sys.stdout.write("\n")
+    sys.stderr.write(f"({answer_stats(reply.tokens, reply.tokens_per_second, reply.stop_reason)})\n")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A merged (or adapter-only) folder that plain transformers loads, checked against the run before it is
+    published; exit 1 and nothing written when it does not answer as the run does."""
+    out = Path(args.out)
+    checks.check_export(checks.usable_run(Path(args.run_dir)), out, adapter_only=args.adapter_only, dtype=args.dtype)
+    from engine.inference.export import ExportMismatch, export_run
+
+    sink = None if args.json else ExportProgressLines()
+    try:
+        result = export_run(Path(args.run_dir), out, dtype=args.dtype, adapter_only=args.adapter_only, sink=sink)
+    except ExportMismatch as exc:
+        if args.json:
+            _print_json(exc.result.to_dict())
+        sys.stderr.write(f"finetui: error: {exc}\n")
+        return EXIT_FAILED
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    for note in result.notes:
+        sys.stderr.write(f"finetui: {note}\n")
+    answers = "same greedy answers" if result.same_greedy else "different answers"
+    sys.stdout.write(
+        f"exported to {result.out}: {answers} on {result.prompts} prompts, largest log-prob difference "
+        f"{result.max_logprob_diff:.3g} (tolerance {result.tolerance:g})\n"
+    )
     return 0
 
 
@@ -261,6 +494,51 @@ SET_HELP = "override a preset key, e.g. --set train.lr=2e-4 (repeatable; see `fi
 Subparsers = Any  # argparse's _SubParsersAction
 
 
+def _sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Decoding options (`engine.sampling.GenerationSettings`): greedy unless --temperature is above 0."""
+    parser.add_argument("--max-new-tokens", type=int, help="the most tokens per answer (default 256)")
+    parser.add_argument("--temperature", type=float, help="0 (default) decodes greedily; above 0 samples")
+    parser.add_argument("--top-p", type=float, help="sampling: nucleus probability mass (default 1: all)")
+    parser.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens (default 0: all)")
+    parser.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeats (default 1)")
+    parser.add_argument("--seed", type=int, help="sampling: the same seed gives the same answers")
+
+
+def _add_use_parsers(sub: Any) -> None:
+    """`generate`, `chat` and `export`: using what a run trained."""
+    generate = sub.add_parser("generate", help="answer a prompt with a run's model (or the base, or both)")
+    generate.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
+    given = generate.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="the prompt, rendered as the run's training prompts were")
+    given.add_argument("--data", help="a data file: answer every row, write --out (prompt, reference, output)")
+    which = generate.add_mutually_exclusive_group()
+    which.add_argument("--base", action="store_true", help="answer with the base model alone")
+    which.add_argument("--compare", action="store_true", help="answer with the base and the fine-tuned model")
+    generate.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions.jsonl"),
+        help="where --data writes answers (default predictions.jsonl)",
+    )
+    generate.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    _sampling_options(generate)
+    generate.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    generate.set_defaults(handler=cmd_generate)
+
+    chat = sub.add_parser("chat", help="talk with a run's causal LM (/base, /reset; Ctrl-D ends)")
+    chat.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
+    _sampling_options(chat)
+    chat.set_defaults(handler=cmd_chat)
+
+    export = sub.add_parser("export", help="a folder plain transformers loads, checked against the run")
+    export.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
+    export.add_argument("--out", required=True, help="a new or empty folder")
+    export.add_argument("--dtype", choices=checks.EXPORT_DTYPES, help="weights dtype (default: the run's, fp32 on CPU)")
+    export.add_argument("--adapter-only", action="store_true", help="write the PEFT adapter and the card, unmerged")
+    export.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    export.set_defaults(handler=cmd_export)
+
+
 def _add_run(sub: Subparsers) -> None:
     run = sub.add_parser("run", help="train a preset", description="Train, evaluate and save a run.")
     run.add_argument("preset", nargs="?", help="preset file or bundled preset name (see `finetui presets`)")
@@ -322,6 +600,15 @@ def _add_eval(sub: Subparsers) -> None:
     evaluate.add_argument("--data", required=True, help="data file (csv, tsv, json, jsonl, parquet) or hub id")
     evaluate.add_argument("--set", action="append", default=[], metavar="K=V", help=SET_HELP)
     evaluate.add_argument("--json", action="store_true", help="one JSON object of metrics on stdout")
+    evaluate.add_argument(
+        "--generate", action="store_true", help="causal runs: generate each row's answer and score it (see --metric)"
+    )
+    evaluate.add_argument(
+        "--metric", choices=METRICS, help="--generate: how answers are scored (default: from the references)"
+    )
+    evaluate.add_argument("--base", action="store_true", help="--generate: score the base model on the same rows too")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="--generate: prompts generated together")
+    _sampling_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
 
@@ -353,6 +640,7 @@ SUBCOMMAND_PARSERS = (
     _add_inspect,
     _add_data,
     _add_eval,
+    _add_use_parsers,
     _add_diff,
     _add_rerun,
     _add_presets,

@@ -85,6 +85,13 @@ class DataConfig(_Section):
     response_marker: str | None = None
     """`template = "none"` on one text column: the loss covers only the text after the last occurrence of this
     marker (e.g. "[/INST]" in Llama-2 chat text); rows without it are dropped."""
+    label_words: dict[str, str] | bool = False
+    """Classification data trained as causal data, for a decoder LM: a table {label = "word"} (e.g. {0 =
+    "negative", 1 = "positive"}), or true for the data's own string labels as the words. Each row becomes
+    `label_prompt` answered by its label's word; the loss falls on the word (and the end token that closes it)."""
+    label_prompt: str = "Classify the text as one of: {labels}.\n\nText: {text}"
+    """`label_words`: the prompt a row's text is put in, `{text}` standing for the text and `{labels}` for the
+    words (comma-separated); it then goes through `template` as any prompt does."""
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     """Share of train carved out (seeded by `train.seed`) when no validation data is given."""
     max_length: int = Field(default=256, ge=8, le=131072)
@@ -127,6 +134,34 @@ class DataConfig(_Section):
     def _columns_named(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and (not value or not all(value)):
             raise ValueError('must name at least one column, e.g. ["title", "description"]')
+        return value
+
+    @field_validator("label_words")
+    @classmethod
+    def _one_word_per_label(cls, value: dict[str, str] | bool) -> dict[str, str] | bool:
+        if value is True or value is False:
+            return value
+        if len(value) < 2:
+            raise ValueError('needs a word for each of two or more labels, e.g. {0 = "negative", 1 = "positive"}')
+        seen: dict[str, str] = {}
+        for label, word in value.items():
+            key = " ".join(word.casefold().split())
+            if not key:
+                raise ValueError(f"label {label}: the word is empty; give each label a word")
+            if key in seen:
+                raise ValueError(f"labels {seen[key]} and {label} share the word {word!r}; give each label its own")
+            seen[key] = label
+        return value
+
+    @field_validator("label_prompt")
+    @classmethod
+    def _prompt_places_the_text(cls, value: str) -> str:
+        try:
+            value.format(text="", labels="")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("may name only {text} and {labels} (write other braces doubled: {{ }})") from None
+        if "{text}" not in value:
+            raise ValueError("must contain {text}, where the row's text goes")
         return value
 
     @property
@@ -230,6 +265,16 @@ class TrainConfig(_Section):
     optim: str = "auto"
     """Optimizer, as TrainingArguments names it: `auto` (the Trainer's default AdamW), `adamw_torch`,
     `paged_adamw_8bit` (bitsandbytes, CUDA: 8-bit states paged to host memory, for QLoRA), ..."""
+    sample_prompts: list[str] | str = []
+    """Causal runs: prompts answered greedily at each evaluation, stored as `samples` events and shown under the
+    curves: a list of prompts (each rendered as an instruction through `data.template`, or as the text of
+    `data.label_words`), or "validation:N" for the first N validation rows."""
+    generation_metric: Literal["auto", "exact", "contains", "number", "rouge_l"] | None = None
+    """Causal runs: at each evaluation, answer the validation rows (`data.max_eval_samples` of them) and score the
+    answers as `finetui eval --generate` does (`auto`: the metric the references call for); the validation
+    metric `generation_<metric>` is plotted beside the validation loss."""
+    generation_max_new_tokens: int = Field(default=64, ge=1)
+    """The most tokens of each answer generated during training (label-word runs: the longest word's and 8 more)."""
     output_dir: str = "runs"
     """Where run directories (`<name>-<timestamp>/`) are created."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
@@ -240,6 +285,15 @@ class TrainConfig(_Section):
     """A command run once when the run ends (finished, failed or stopped) with summary.json on its stdin, e.g. a mail
     or chat hook: an argument list, or a string split like a shell would (no shell runs it). Its failure is
     logged and never fails the run."""
+
+    @field_validator("sample_prompts")
+    @classmethod
+    def _prompts_or_validation_rows(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str) and not re.fullmatch(r"validation:[1-9]\d*", value):
+            raise ValueError('must be a list of prompts or "validation:N" (the first N validation rows)')
+        if isinstance(value, list) and not all(prompt.strip() for prompt in value):
+            raise ValueError("holds an empty prompt; give each prompt some text")
+        return value
 
     @field_validator("precision")
     @classmethod

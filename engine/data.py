@@ -267,6 +267,8 @@ def encode_data(
         return cached
     notes: list[dict[str, str]] = []
     max_length = _effective_max_length(cfg, tokenizer, notes)
+    if task == "causal":
+        cfg = resolve_label_words(cfg)
     loaded = _load_splits(cfg, task, seed)
     space = None
     if task == "classification":
@@ -643,6 +645,9 @@ def _load_splits(cfg: DataConfig, task: str, seed: int) -> _Loaded:
     columns = [column for column in train.column_names if column != _ROW_SOURCE]
     fields = _fields(cfg, task, columns)
     _require_columns({"train": train, **given}, fields)
+    if fields.get("layout") == "label_words":
+        for role, split in {"train": train, **given}.items():
+            check_label_words(cfg, f"data.{role}", column_values(split, cfg.label_field))
     texts = {role: _example_texts(split, fields) for role, split in {"train": train, **given}.items()}
     keys = {role: [_key(text) for text in values] for role, values in texts.items()}
     duplicates = _duplicates(texts["train"], keys["train"])
@@ -782,6 +787,8 @@ def _fields(cfg: DataConfig, task: str, columns: list[str]) -> dict[str, Any]:
         return {"text_field": cfg.text_field, "label_field": cfg.label_field}
     if task != "causal":
         raise ValueError(f"unknown task {task!r}: expected classification or causal")
+    if cfg.label_words:
+        return {"layout": "label_words", "text_field": cfg.text_field, "label_field": cfg.label_field}
     if cfg.response_marker is not None and cfg.template != "none":
         raise DataError('data.response_marker: marks the response in plain text; it needs data.template = "none"')
     if cfg.template == "none" and all(column in columns for column in cfg.text_columns):
@@ -1000,7 +1007,7 @@ def prompt_token_ids(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, row: d
 
 def _response_columns(cfg: DataConfig, row: dict[str, Any]) -> list[str]:
     """The response column a prompt-only row lacks (so the layout is found as for the training data)."""
-    if cfg.template == "none" and all(column in row for column in cfg.text_columns):
+    if cfg.label_words or (cfg.template == "none" and all(column in row for column in cfg.text_columns)):
         return []
     return [cfg.output_field] if cfg.instruction_field in row else [cfg.response_field]
 
@@ -1022,6 +1029,9 @@ def _rendered(
     """Each row's prompt and response as the template renders them, and why the row cannot train ("" if it can)."""
     if layout == "text":
         return _marked_texts(cfg, batch)
+    if layout == "label_words":
+        prompts, words, reasons = _label_word_texts(cfg, batch)
+        return (*_templated(cfg, tokenizer, prompts, [""] * len(prompts), words), reasons)
     if layout == "alpaca":
         instructions, reasons = _optional_texts(batch, cfg.instruction_field)
         inputs, input_reasons = _optional_texts(batch, cfg.input_field)
@@ -1059,6 +1069,98 @@ def _marked_texts(cfg: DataConfig, batch: dict[str, list[Any]]) -> tuple[list[st
         if not reasons[index]:
             reasons[index] = NO_MARKER if found < 0 else "" if text[cut:].strip() else EMPTY_RESPONSE
     return prompts, responses, reasons
+
+
+def _label_word_texts(cfg: DataConfig, batch: dict[str, list[Any]]) -> tuple[list[str], list[str], list[str]]:
+    """Classification rows as prompts (`label_prompt` around the text) answered by their label's word."""
+    texts, reasons = _texts(batch, cfg.text_columns, cfg.text_separator)
+    values = batch.get(cfg.label_field) or [None] * len(texts)
+    table = label_word_table(cfg, values)
+    listed = ", ".join(table.values())
+    prompts = [cfg.label_prompt.format(text=text, labels=listed) for text in texts]
+    words = ["" if _is_missing(value) else table.get(str(value), "") for value in values]
+    for index, value in enumerate(values):
+        reasons[index] = reasons[index] or (MISSING_LABEL if _is_missing(value) else "")
+    return prompts, words, reasons
+
+
+def label_word_table(cfg: DataConfig, values: list[Any]) -> dict[str, str]:
+    """Each label (as text) and its word: `data.label_words` as given, or, when it is true, the labels among
+    `values` as their own words (sorted)."""
+    if isinstance(cfg.label_words, dict):
+        return dict(cfg.label_words)
+    labels = sorted({str(value) for value in values if not _is_missing(value)})
+    return {label: label for label in labels}
+
+
+LABEL_WORD_NEW_TOKENS = 8
+"""Label-word runs answer in a word: tokens allowed beyond the longest word's before an answer is cut."""
+
+
+def label_word_new_tokens(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many tokens a label-word answer may take: the longest word's and `LABEL_WORD_NEW_TOKENS` more."""
+    words = label_word_table(cfg, []).values()
+    return max(len(tokenizer(word, add_special_tokens=False)["input_ids"]) for word in words) + LABEL_WORD_NEW_TOKENS
+
+
+def example_parts(cfg: DataConfig, row: dict[str, Any]) -> tuple[str, str]:
+    """What a causal example asks, as a person reads it (the text, instruction and input, or prompt), and the
+    answer it holds (its label word, output or response; "" when it has none)."""
+    text = cfg.text_separator.join(str(row[column]) for column in cfg.text_columns if row.get(column))
+    if cfg.label_words:
+        label = row.get(cfg.label_field)
+        return text, "" if _is_missing(label) else label_word_table(cfg, [label]).get(str(label), "")
+    if cfg.instruction_field in row:
+        asked, extra = str(row[cfg.instruction_field] or ""), str(row.get(cfg.input_field) or "")
+        return (f"{asked}\n\n{extra}" if extra.strip() else asked), str(row.get(cfg.output_field) or "")
+    if cfg.prompt_field in row:
+        return str(row[cfg.prompt_field] or ""), str(row.get(cfg.response_field) or "")
+    marker = cfg.response_marker
+    cut = text.rfind(marker) + len(marker) if marker and marker in text else len(text)
+    return text[:cut], text[cut:]
+
+
+def prompt_row(cfg: DataConfig, prompt: str) -> dict[str, Any]:
+    """A row asking `prompt`: the text of a label-word run, an instruction otherwise (rendered by `render_prompt`)."""
+    return {cfg.text_columns[0] if cfg.label_words else cfg.instruction_field: prompt}
+
+
+def split_rows(cfg: DataConfig, encoded: EncodedData, role: str) -> list[dict[str, Any]]:
+    """The rows of an encoded split that train, as read from their file, in the split's order (to generate from)."""
+    split = encoded.splits[role]
+    kept = [
+        row for row, reason in zip(column_values(split, ROW), column_values(split, DROPPED), strict=True) if not reason
+    ]
+    if role == "train" or (role == "validation" and encoded.carved):
+        table = read_data(cfg, cfg.train, "train")
+    else:
+        table = _read_extra_split(role, cfg.validation if role == "validation" else str(cfg.test), cfg)
+    return table.select(kept).to_list() if kept else []
+
+
+def resolve_label_words(cfg: DataConfig) -> DataConfig:
+    """`cfg` with `label_words = true` replaced by its table: the string labels of the train data, sorted, as
+    their own words (so that every prompt lists the same words, and the run's config.toml records them)."""
+    if cfg.label_words is not True:
+        return cfg
+    values = column_values(_in_role("train", lambda: read_data(cfg, cfg.train, "train")), cfg.label_field)
+    if any(not isinstance(value, str) for value in values if not _is_missing(value)):
+        raise DataError(
+            "data.label_words = true takes the labels of data.train as the words, but they are not text; "
+            'give a table, e.g. data.label_words = {0 = "negative", 1 = "positive"}'
+        )
+    return cfg.model_copy(update={"label_words": label_word_table(cfg, values)})
+
+
+def check_label_words(cfg: DataConfig, role: str, values: list[Any]) -> None:
+    """Every label of a split has a word (a DataError naming the first that has none)."""
+    table = label_word_table(cfg, values)
+    for value in values:
+        if not _is_missing(value) and str(value) not in table:
+            raise DataError(
+                f"data.label_words: no word for label {value!r} of {role} (words for: {', '.join(table)}); "
+                "give every label a word"
+            )
 
 
 def _templated(

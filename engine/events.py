@@ -136,9 +136,76 @@ class RunStopped(Event):
     checkpoint: str | None
 
 
+@dataclass(frozen=True, kw_only=True)
+class TokensGenerated(Event):
+    """New text of an answer being generated, sent as its tokens come (`engine.generation`)."""
+
+    type: ClassVar[str] = "tokens"
+    index: int  # which prompt of the request the answer is for
+    text: str  # the text added since the previous event of this answer
+    tokens: int  # tokens of the answer so far
+    tokens_per_second: float  # since the request started
+    model: str = "fine-tuned"  # or "base": which model answers
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationDone(Event):
+    """An answer is complete."""
+
+    type: ClassVar[str] = "generation_done"
+    index: int
+    text: str  # the whole answer
+    tokens: int
+    tokens_per_second: float
+    elapsed_s: float
+    stop_reason: str  # "end" (an end-of-sequence or end-of-turn token), "length" (max_new_tokens) or "stopped"
+    model: str = "fine-tuned"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportProgress(Event):
+    """Where `finetui export` is: stage `step` of `steps` (load, merge, save, check, publish)."""
+
+    type: ClassVar[str] = "export_progress"
+    step: int
+    steps: int
+    stage: str
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Samples(Event):
+    """One sample prompt's answer at an evaluation during training (`train.sample_prompts`): how the model's answers
+    change as it trains. Each evaluation emits one per prompt, in the prompts' order."""
+
+    type: ClassVar[str] = "samples"
+    step: int
+    prompt: str
+    output: str
+    index: int = 0
+    """The prompt's position in the list of sample prompts."""
+    seconds: float = 0.0
+    """What generating at this evaluation took (the sample prompts and `train.generation_metric`'s rows)."""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (RunStarted, Log, FreezeMapReady, Step, Progress, Eval, Checkpoint, RunFinished, RunFailed, RunStopped)
+    for cls in (
+        RunStarted,
+        Log,
+        FreezeMapReady,
+        Step,
+        Progress,
+        Eval,
+        Checkpoint,
+        RunFinished,
+        RunFailed,
+        RunStopped,
+        TokensGenerated,
+        GenerationDone,
+        ExportProgress,
+        Samples,
+    )
 }
 
 

@@ -6,6 +6,7 @@ model found on disk, or on the hub, says where it came from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,11 @@ def finetui_version() -> str:
         return "unknown"
 
 
-def model_card(config: RunConfig, summary: dict[str, Any], *, base_model: str, adapter: bool) -> str:
-    """Markdown with hub metadata up front: base model, strategy and its settings, data, metrics, versions."""
+def model_card(
+    config: RunConfig, summary: dict[str, Any], *, base_model: str, adapter: bool, export: Sequence[str] = ()
+) -> str:
+    """Markdown with hub metadata up front: base model, strategy and its settings, data, metrics, versions, and
+    for an exported folder, how it was exported and checked (`export`: paragraphs)."""
     strategy = config.strategy
     settings = ", ".join(f"{key} = {getattr(strategy, key)!r}" for key in STRATEGY_SETTINGS.get(strategy.kind, ()))
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
@@ -58,6 +62,8 @@ def model_card(config: RunConfig, summary: dict[str, Any], *, base_model: str, a
         "",
         *_metric_lines(summary),
     ]
+    if export:
+        lines += ["", "## Export", "", *export]
     return "\n".join(lines) + "\n"
 
 

@@ -1,11 +1,13 @@
 """What a person sees of a run in a terminal: the progress view of `finetui run`, freeze-map and memory tables,
-plain log lines for a detached run's `run.log`, and the number formats the TUI shares.
+plain log lines for a detached run's `run.log`, streamed answers, label bars and export stages of `generate`,
+`chat` and `export`, and the number formats the TUI shares.
 
 These are sinks (`emit(event)`) or helpers that only format; the engine's work never depends on them.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import IO, Any
@@ -20,6 +22,7 @@ from engine.events import (
     Checkpoint,
     Eval,
     Event,
+    ExportProgress,
     FreezeMapReady,
     Log,
     Progress,
@@ -27,7 +30,9 @@ from engine.events import (
     RunFinished,
     RunStarted,
     RunStopped,
+    Samples,
     Step,
+    TokensGenerated,
 )
 
 
@@ -216,6 +221,9 @@ class RichProgressSink:
                 self.console.print(f"[cyan]{event.split}[/] @ step {event.step}: {metrics}")
             case Checkpoint():
                 self.console.print(f"[dim]checkpoint {event.path}[/]")
+            case Samples():
+                self.console.print(Text(f"  sample {event.index + 1} @ step {event.step}: ", style="magenta"), end="")
+                self.console.print(Text(f"{one_line(event.prompt, 40)} → {one_line(event.output, 60)}"))
             case Log():
                 style = {"warning": "yellow", "error": "red"}.get(event.level, "dim")
                 self.console.print(Text(event.message, style=style))
@@ -254,3 +262,77 @@ class RichProgressSink:
             self.console.print(Text(stopped_line(event, self._run_dir), style="yellow"))
         elif self.show_errors:  # the CLI reports a run's error itself, as one line on stderr
             self.console.print(f"[red]failed[/]: {event.error}")
+
+
+STOP_REASONS = {"end": "ended at an end token", "length": "reached max_new_tokens", "stopped": "stopped"}
+
+
+class AnswerStream:
+    """Prints an answer's text as it is generated (`TokensGenerated`), flushed piece by piece."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream or sys.stdout
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, TokensGenerated):
+            self._stream.write(event.text)
+            self._stream.flush()
+
+
+def answer_stats(tokens: int, tokens_per_second: float, stop_reason: str) -> str:
+    """`12 tokens, 35.1 tokens/s, ended at an end token`."""
+    return f"{tokens} tokens, {tokens_per_second:.1f} tokens/s, {STOP_REASONS.get(stop_reason, stop_reason)}"
+
+
+def label_bars(probabilities: dict[str, float], width: int = 30) -> str:
+    """One line per label, most likely first: name, a bar, the probability."""
+    names = max((len(name) for name in probabilities), default=0)
+    lines = []
+    for name, probability in sorted(probabilities.items(), key=lambda item: -item[1]):
+        filled = round(probability * width)
+        lines.append(f"{name:<{names}}  {'█' * filled}{'░' * (width - filled)}  {probability:.3f}")
+    return "\n".join(lines)
+
+
+def judged_line(model: str, result: dict[str, Any]) -> str:
+    """`fine-tuned  exact 0.812 (95 % CI 0.771-0.847, wilson) on 400 rows, accuracy 0.812, macro-F1 0.809, ...`."""
+    low, high = result["interval"]
+    line = (
+        f"{model:<10}  {result['metric']} {result['score']:.3f} (95 % CI {low:.3f}-{high:.3f}, "
+        f"{result['interval_method']}) on {result['rows']} rows"
+    )
+    if "accuracy" in result:
+        line += f", accuracy {result['accuracy']:.3f}, macro-F1 {result['f1']:.3f}"
+        line += f", {result['outside_label_set']} answers outside the label set"
+    return f"{line}  ({result['rows_per_second']:.1f} rows/s)"
+
+
+def one_line(text: Any, width: int) -> str:
+    """A text on one line (runs of whitespace as one space), cut to `width` characters with an ellipsis."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def worst_row_lines(records: list[dict[str, Any]], width: int = 60) -> list[str]:
+    """The worst-scored rows: number, score, reference and output, each cut to `width` characters."""
+
+    def cut(text: Any) -> str:
+        return json.dumps(one_line(text, width), ensure_ascii=False)
+
+    return [
+        f"  row {record['row']}  score {record['score']:.2f}  reference {cut(record['reference'])}  "
+        f"output {cut(record['output'])}"
+        for record in records
+    ]
+
+
+class ExportProgressLines:
+    """`finetui export`'s stages as lines: `[2/6] the run's greedy answers to 4 fixed prompts`."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream or sys.stderr
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, ExportProgress):
+            self._stream.write(f"[{event.step}/{event.steps}] {event.message}\n")
+            self._stream.flush()

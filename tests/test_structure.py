@@ -18,12 +18,29 @@ MAX_FUNCTION_LINES = 60
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # foundations: settings, events, atomic files, what a string names
-    ("engine", "engine.config", "engine.events", "engine.fsio", "engine.presets", "engine.sources"),
+    (
+        "engine",
+        "engine.config",
+        "engine.events",
+        "engine.fsio",
+        "engine.presets",
+        "engine.sources",
+        "engine.sampling",
+        "engine.generation_metrics",
+    ),
     # run folders, processes of a run, where events go
     ("engine.parallel", "engine.runs", "engine.sinks", "engine.views", "engine.preflight", "engine.library_logs"),
     ("engine.notify", "engine.run_diff"),
     # models and data
-    ("engine.architecture", "engine.models", "engine.cache", "engine.freeze_map", "engine.data", "engine.devices"),
+    (
+        "engine.architecture",
+        "engine.models",
+        "engine.cache",
+        "engine.freeze_map",
+        "engine.data",
+        "engine.generation",
+        "engine.devices",
+    ),
     ("engine.model_card", "engine.data_report", "engine.environment"),
     ("engine.strategies", "engine.strategies.*"),
     ("engine.training", "engine.training.*"),

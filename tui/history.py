@@ -24,8 +24,10 @@ from engine.events import (
     RunFinished,
     RunStarted,
     RunStopped,
+    Samples,
     Step,
 )
+from engine.generation_metrics import COST_KEY, METRIC_PREFIX
 
 TERMINAL = ("finished", "stopped", "failed")
 MAX_LOG_LINES = 2000
@@ -60,6 +62,8 @@ class RunHistory:
     config: dict[str, Any] | None = None
     stop_requested: bool = False
     """Someone asked the run to stop; it stops at its next step."""
+    samples: list[Samples] = field(default_factory=list)
+    """The answers to `train.sample_prompts` at each evaluation, in order."""
 
     @property
     def active(self) -> bool:
@@ -84,6 +88,8 @@ class RunHistory:
                 self.position = event
             case Eval():
                 self.evals.append(event)
+            case Samples():
+                self.samples.append(event)
             case FreezeMapReady():
                 self.freeze_map = event.freeze_map
             case Checkpoint():
@@ -115,6 +121,7 @@ class RunHistory:
         self.losses = [self.losses[index] for index in keep]
         self.lrs = [self.lrs[index] for index in keep]
         self.evals = [event for event in self.evals if event.step <= step]
+        self.samples = [event for event in self.samples if event.step <= step]
 
     def fail(self, error: str) -> None:
         """The run ended without a `run_failed` event (it failed before its run directory existed)."""
@@ -124,6 +131,19 @@ class RunHistory:
     def eval_curve(self, metric: str = "loss", split: str = "validation") -> tuple[list[int], list[float]]:
         points = [(e.step, e.metrics[metric]) for e in self.evals if e.split == split and metric in e.metrics]
         return [step for step, _ in points], [value for _, value in points]
+
+    def latest_samples(self) -> list[Samples]:
+        """The sample answers of the last evaluation that had any."""
+        last = self.samples[-1].step if self.samples else None
+        return [sample for sample in self.samples if sample.step == last]
+
+    def generation_curve(self) -> tuple[str, list[int], list[float]] | None:
+        """The validation curve of `train.generation_metric` (`generation_<metric>`), if the run has one."""
+        for event in self.evals:
+            name = next((key for key in event.metrics if key.startswith(METRIC_PREFIX) and key != COST_KEY), None)
+            if name is not None:
+                return (name, *self.eval_curve(name))
+        return None
 
     def latest_metrics(self, split: str = "validation") -> dict[str, float]:
         if split == "validation" and self.summary and self.summary.get("validation"):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
@@ -24,10 +25,12 @@ from transformers import PreTrainedTokenizerBase
 from engine import models
 from engine.config import ConfigError, RunConfig
 from engine.devices import resolve_device, resolve_precision
+from engine.inference.checks import run_model_source
 from engine.library_logs import bridged_logs, quiet_library_output
-from engine.runs import MODEL_DIR, checkpoint_step, latest_checkpoint, load_run_config, read_summary
+from engine.runs import MODEL_DIR, load_run_config, read_summary
 from engine.sinks import ListSink
 from engine.strategies import Strategy, get_strategy
+from engine.views import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ class LoadedRun:
     notes: list[str] = field(default_factory=list)
     """One-line notes for the user (a stopped run loaded from its checkpoint)."""
 
+    weights: _Weights | None = field(default=None, repr=False)
+    """How the run's weights were loaded (to load its base beside them)."""
+    _base: torch.nn.Module | None = field(default=None, init=False, repr=False)
+
     @property
     def task(self) -> str:
         return self.config.model.task
@@ -63,29 +70,30 @@ class LoadedRun:
 
     @contextmanager
     def base_model(self) -> Iterator[torch.nn.Module]:
-        """The same model with the adapter switched off (PEFT's `disable_adapter`): the base, in one load."""
-        if not isinstance(self.model, PeftModel):
-            raise ConfigError(f"{self.run_dir}: only adapter runs (lora, dora, qlora) hold their base model")
-        with self.model.disable_adapter():
-            yield self.model
+        """The model the run started from, to answer beside the fine-tuned one. Adapter runs: the same model with
+        the adapter switched off (PEFT's `disable_adapter`), in one load. Runs that saved the whole model: the base
+        loaded beside it once, after a check that memory holds it (ConfigError saying what it needs otherwise)."""
+        if isinstance(self.model, PeftModel):
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        if self.classifier is not None or self.weights is None:
+            raise ConfigError(f"{self.run_dir}: the feature strategy's classifier has no base model to compare with")
+        if self._base is None:
+            self._base = self._load_base(self.weights)
+        yield self._base
 
-
-def run_model_source(run_dir: Path) -> tuple[Path, str | None]:
-    """Where a run's trained weights are: `model/`, else its last checkpoint (with a note saying so)."""
-    model_dir = run_dir / MODEL_DIR
-    if model_dir.is_dir():
-        return model_dir, None
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        status = (read_summary(run_dir) or {}).get("status", "unknown")
-        raise ConfigError(
-            f"{run_dir}: no model and no checkpoint to load (run status: {status}); "
-            f"continue it with finetui run --resume {run_dir}, or train a new run"
-        )
-    note = (
-        f"the run has no final model: using its last checkpoint, {checkpoint.name} (step {checkpoint_step(checkpoint)})"
-    )
-    return checkpoint, note
+    def _load_base(self, weights: _Weights) -> torch.nn.Module:
+        needed = sum(parameter.numel() * parameter.element_size() for parameter in self.model.parameters())
+        free = torch.cuda.mem_get_info()[0] if self.device == "cuda" else psutil.virtual_memory().available
+        if needed > 0.9 * free:
+            raise ConfigError(
+                f"the base model needs {format_bytes(needed)} beside the fine-tuned one and {format_bytes(free)} "
+                f"is free on the {self.device}; free some memory, or compare on a larger machine"
+            )
+        self.notes.append(f"base model loaded beside the fine-tuned one: {format_bytes(needed)}")
+        with bridged_logs(ListSink()):
+            return weights.base().eval()
 
 
 def load_run(run_dir: Path, *, overrides: list[str] | None = None) -> LoadedRun:
@@ -122,6 +130,7 @@ def load_run(run_dir: Path, *, overrides: list[str] | None = None) -> LoadedRun:
         num_labels=summary.get("num_labels"),
         classifier=classifier,
         notes=[note] if note else [],
+        weights=weights,
     )
 
 
@@ -153,7 +162,11 @@ class _Weights:
         quantised = getattr(base, "is_loaded_in_4bit", False)  # placed when loaded; cannot be moved
         return model if self.device_map is not None or quantised else model.to(self.device)
 
-    def _base(self) -> torch.nn.Module:
+    def base(self) -> torch.nn.Module:
+        """The base model as this strategy loads it (placed on the device)."""
+        return self._placed(self._strategy_base())
+
+    def _strategy_base(self) -> torch.nn.Module:
         return self.strategy.load_model(
             self.config.model,
             num_labels=self.num_labels,
@@ -165,7 +178,7 @@ class _Weights:
 
     def adapter(self) -> torch.nn.Module:
         """The base as the strategy loads it (4-bit for QLoRA), with the run's adapter over it."""
-        return self._placed(PeftModel.from_pretrained(self._base(), str(self.source)))
+        return self._placed(PeftModel.from_pretrained(self._strategy_base(), str(self.source)))
 
     def full(self) -> torch.nn.Module:
         """The whole model the run saved."""
@@ -182,4 +195,4 @@ class _Weights:
     def feature(self) -> tuple[torch.nn.Module, Any]:
         """The frozen encoder and the logistic regression fitted on its embeddings."""
         classifier, _ = self.strategy.load_classifier(self.source)  # type: ignore[attr-defined]
-        return self._placed(self._base()), classifier
+        return self.base(), classifier

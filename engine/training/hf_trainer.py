@@ -361,8 +361,10 @@ def build_trainer(
     device: str,
     precision: str,
     memory: MemoryMeter | None = None,
+    probe: TrainerCallback | None = None,
 ) -> tuple[FinetuiTrainer, EventBridge]:
-    """The Trainer for a prepared model and data, checkpointing into the run's `checkpoints/`, with its bridge."""
+    """The Trainer for a prepared model and data, checkpointing into the run's `checkpoints/`, with its bridge
+    (after `probe`, the generation at each evaluation, whose metrics the bridge's `eval` events then carry)."""
     task = config.model.task
     args = training_arguments(config, stop.run_dir / CHECKPOINTS_DIR, device=device, precision=precision)
     samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -376,7 +378,7 @@ def build_trainer(
         data_collator=prepared.collator,
         compute_metrics=classification_metrics if classification else None,
         preprocess_logits_for_metrics=predicted_class if classification else None,
-        callbacks=[bridge],
+        callbacks=[probe, bridge] if probe is not None else [bridge],
         data_seed=config.train.seed,
     )
     trainer.remove_callback(PrinterCallback)  # the bridge reports logs as events; stdout stays clean

@@ -80,6 +80,7 @@ from engine.training.faults import (
     oom_message,
 )
 from engine.training.feature import train_feature
+from engine.training.generation_probe import generation_probe
 from engine.training.hf_trainer import FinetuiTrainer, build_trainer, final_metrics, training_done
 from engine.training.memory import MemoryMeter, memory_record
 
@@ -340,6 +341,7 @@ class RunSession:
             device=self.device,
             precision=self.precision,
             memory=self.memory,
+            probe=generation_probe(config, loaded.tokenizer, loaded.prepared.encoded, self.events),
         )
         self.trainer = trainer
         runtime, samples_per_s = self._fit(trainer)

@@ -27,8 +27,10 @@ from engine.data import (
     prompt_token_ids,
     read_table,
     render_prompt,
+    resolve_label_words,
 )
 from engine.data_report import check_data
+from engine.inference.predict import prompt_ids
 from tests.conftest import SHARED, needs_shared
 
 SHARED_DATA = SHARED / "data"
@@ -514,6 +516,12 @@ def test_chat_template_masks_up_to_assistant_content(tmp_path: Path, byte_tokeni
     assert response_text(byte_tokenizer, row) == "Paris</s>\n"
 
 
+def test_render_prompt_without_a_prompt_column_is_one_line(byte_tokenizer: Any) -> None:
+    with pytest.raises(DataError) as error:
+        render_prompt(DataConfig(train="x.jsonl"), byte_tokenizer, {"question": "why?"})
+    assert_one_line(error, "needs columns instruction+output or prompt+response", "question")
+
+
 def test_chat_without_template_is_refused(tmp_path: Path, minilm_causal: Any) -> None:
     path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "a", "response": "b"}] * 2)
     with pytest.raises(DataError) as error:
@@ -705,3 +713,38 @@ def test_eval_maps_labels_as_the_run_did_and_names_a_row_it_cannot_score(tmp_pat
     with pytest.raises(DataError) as error:
         prepare_eval_split(cfg, unseen, task="classification", tokenizer=minilm, label_names=["1", "3"], num_labels=2)
     assert_one_line(error, "u.jsonl: row 2: label unseen in training; fix or drop that row")
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat", "none"])
+def test_label_words_put_the_loss_on_the_label_word_only(tmp_path: Path, byte_tokenizer: Any, template: str) -> None:
+    rows = [{"text": "a fine film", "label": 1}, {"text": "dull", "label": 0}, {"text": "great fun", "label": 1}]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    words = {"0": "negative", "1": "positive"}
+    cfg = DataConfig(train=path, validation=path, template=template, label_words=words, max_leak=1.0)
+    encoded = prepare_data(cfg, task="causal", tokenizer=byte_tokenizer, seed=0).validation
+    assert len(encoded) == 3
+    for row, example in zip(rows, encoded, strict=True):
+        word = words[str(row["label"])]
+        end = "</s>\n" if template == "chat" else "</s>"  # the end of the turn closes the word
+        assert response_text(byte_tokenizer, example) == f"{word}{end}"
+        masked = example["labels"].count(-100)
+        prompt = prompt_token_ids(cfg, byte_tokenizer, {"text": row["text"]})  # a row to answer: no label
+        assert example["input_ids"][:masked] == prompt == prompt_ids(cfg, byte_tokenizer, row)  # as eval renders it
+        rendered = byte_tokenizer.decode(prompt)
+        assert row["text"] in rendered and "negative, positive" in rendered
+
+
+def test_label_words_cover_every_label_and_true_takes_string_labels(tmp_path: Path, byte_tokenizer: Any) -> None:
+    path = write_jsonl(tmp_path / "s.jsonl", [{"text": f"t{i}", "label": i % 3} for i in range(6)])
+    uncovered = DataConfig(train=path, validation=path, label_words={"0": "no", "1": "yes"}, max_leak=1.0)
+    with pytest.raises(DataError) as error:
+        prepare_data(uncovered, task="causal", tokenizer=byte_tokenizer, seed=0)
+    assert_one_line(error, "data.label_words: no word for label 2 of data.train (words for: 0, 1)")
+    with pytest.raises(DataError) as error:
+        resolve_label_words(DataConfig(train=path, label_words=True))
+    assert_one_line(error, "data.label_words = true takes the labels of data.train as the words, but they are not")
+    named = write_jsonl(tmp_path / "n.jsonl", [{"text": "x", "label": "sport"}, {"text": "y", "label": "art"}])
+    assert resolve_label_words(DataConfig(train=named, label_words=True)).label_words == {
+        "art": "art",
+        "sport": "sport",
+    }

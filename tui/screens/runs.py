@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from rich.cells import cell_len, set_cell_size
+from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Label
+from textual.widgets import DataTable, Label, Static
 
 from engine.runs import EventFollower, RunInfo, list_runs, read_summary, run_status
-from engine.views import format_duration
+from engine.views import format_duration, one_line
 from tui.form import display_path, effective_value
 from tui.history import TERMINAL, RunHistory, best_metric
 from tui.messages import RunsListed
@@ -274,6 +276,7 @@ class RunDetailScreen(Screen[None]):
         Binding("escape,q", "app.pop_screen", "Back"),
         Binding("s", "stop", "Stop"),
         Binding("a", "attach", "Attach"),
+        Binding("g", "samples", "Samples"),
     ]
 
     def __init__(self, path: Path) -> None:
@@ -314,6 +317,48 @@ class RunDetailScreen(Screen[None]):
     def action_attach(self) -> None:
         self.app.pop_screen()
         self.finetui.attach_run(self.run.path)
+
+    def action_samples(self) -> None:
+        if not self.run.history.samples:
+            self.notify("this run has no sample answers (train.sample_prompts)", severity="warning")
+            return
+        self.app.push_screen(SamplesScreen(self.run.history))
+
+
+def samples_by_prompt(history: RunHistory, width: int = 76) -> str:
+    """Each sample prompt, then its answer at each evaluation, step by step: how the answers changed."""
+    prompts: dict[int, str] = {}
+    answers: dict[int, list[tuple[int, str]]] = {}
+    for sample in history.samples:
+        prompts.setdefault(sample.index, sample.prompt)
+        answers.setdefault(sample.index, []).append((sample.step, sample.output))
+    lines = []
+    for index, prompt in sorted(prompts.items()):
+        lines.append(f"[b]{escape(one_line(prompt, width))}[/]")
+        steps = answers[index]
+        column = len(str(steps[-1][0]))
+        for step, output in steps:
+            lines.append(
+                f"  [dim]step {step:>{column}}[/]  {escape(one_line(output or '(nothing)', width - column - 9))}"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+class SamplesScreen(Screen[None]):
+    """A run's answers to its sample prompts at every evaluation, prompt by prompt."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q", "app.pop_screen", "Back")]
+
+    def __init__(self, history: RunHistory) -> None:
+        super().__init__()
+        self.history = history
+
+    def compose(self) -> ComposeResult:
+        yield Label(f"[b]samples[/] {self.history.label}  [dim]escape: back to the run[/]", id="samples-title")
+        with VerticalScroll(id="samples-scroll"):
+            yield Static(samples_by_prompt(self.history, max(30, self.app.size.width - 6)), id="samples-text")
+        yield SteadyFooter()
 
 
 class CompareScreen(Screen[None]):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -33,7 +34,7 @@ from engine.events import (
     RunStopped,
     Step,
 )
-from engine.views import format_duration, stopped_line
+from engine.views import format_duration, one_line, stopped_line
 from tui.form import display_path
 from tui.history import RunHistory
 
@@ -56,11 +57,27 @@ class Series:
     losses: Sequence[float]
     eval_steps: Sequence[int] = ()
     eval_losses: Sequence[float] = ()
+    generation: tuple[str, Sequence[int], Sequence[float]] | None = None
+    """`train.generation_metric`'s validation curve: its name, steps and scores (drawn on the right axis)."""
 
 
 def series_of(history: RunHistory, label: str | None = None) -> Series:
     eval_steps, eval_losses = history.eval_curve("loss")
-    return Series(label or history.label, history.steps, history.losses, eval_steps, eval_losses)
+    generation = history.generation_curve()
+    return Series(label or history.label, history.steps, history.losses, eval_steps, eval_losses, generation)
+
+
+def samples_text(history: RunHistory, width: int = 76) -> str:
+    """The latest answers to the sample prompts, one line each: `prompt → answer`, cut to `width`."""
+    samples = history.latest_samples()
+    if not samples:
+        return ""
+    lines = [f"[b]samples @ step {samples[0].step}[/]"]
+    for sample in samples:
+        prompt = one_line(sample.prompt, max(12, width // 3))
+        answer = one_line(sample.output or "(nothing)", max(8, width - len(prompt) - 3))
+        lines.append(f"[dim]{escape(prompt)} →[/] {escape(answer)}")
+    return "\n".join(lines)
 
 
 def memory_rows(freeze_map: dict[str, Any] | None, step: Step | None) -> list[tuple[str, str]]:
@@ -106,6 +123,9 @@ class LossChart(PlotextPlot):
             if run.eval_steps and not overlay:
                 plt.scatter(list(run.eval_steps), list(run.eval_losses), marker="●", color="orange", label="validation")
                 drawn = True
+            if run.generation is not None and run.generation[1] and not overlay:
+                name, steps, scores = run.generation
+                plt.plot(list(steps), list(scores), marker="braille", color="green", label=name, yside="right")
         if not drawn:
             plt.title("loss: waiting for the first logged step")
         self.refresh()
@@ -136,6 +156,7 @@ class RunView(Vertical):
                     yield Label("lr curve  ", classes="dim")
                     yield Sparkline([], id="lr-spark")
                 yield Static("", id="run-metrics")
+        yield Static("", id="run-samples")
         yield RichLog(id="run-log", wrap=True, markup=False, max_lines=2000)
 
     def on_mount(self) -> None:
@@ -235,6 +256,8 @@ class RunView(Vertical):
         self._texts["#run-stats"] = stats
         self.query_one("#run-stats", Static).update(stats, layout=not shown or stats.count("\n") != shown.count("\n"))
         self._set_text("#run-metrics", self._metrics(history))
+        if self._set_text("#run-samples", samples_text(history, max(40, self.app.size.width - 4))):
+            self.query_one("#run-samples").display = bool(history.samples)
 
     def _set_text(self, selector: str, text: str) -> bool:
         """Show `text` in a widget whose size follows its text; nothing (no new layout) when it is unchanged."""

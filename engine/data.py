@@ -413,7 +413,7 @@ def _collator(task: str, tokenizer: PreTrainedTokenizerBase, packing: bool) -> C
     """Pads each batch to its own longest row (labels with -100 for causal LM), or packs causal examples into one
     row with position ids restarting at each example and no attention mask (`data.packing`)."""
     if task == "causal" and packing:
-        return PackingCollator(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return PackingCollator(return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=True)
     if task == "causal":
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
     return DataCollatorWithPadding(tokenizer)
@@ -424,7 +424,8 @@ class PackingCollator(DataCollatorWithFlattening):
 
     The mask functions detect packed examples from restarting position ids only when no KV cache is passed, and
     Llama-like models create one whenever `use_cache` is on (their default, also in training): packed examples
-    would then attend to each other (tests/engine/test_packing.py shows both).
+    would then attend to each other (tests/engine/test_packing.py shows both). The examples' boundaries go along
+    (`cu_seq_lens_q`/`_k`, `max_length_q`/`_k`) for `engine.training.packed_attention` and FlashAttention.
     """
 
     def __call__(self, features: list[dict[str, Any]], return_tensors: Any = None, separator_id: Any = None) -> Any:

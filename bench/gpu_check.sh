@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check for finetui, for a machine with NVIDIA GPUs; about 3-5 minutes.
+# GPU readiness check for finetui, for a machine with NVIDIA GPUs; about 5-10 minutes.
 #
 #   bench/gpu_check.sh [WHEEL_DIR]       install what is missing, then train and report
 #   bench/gpu_check.sh --report RUN...   only print the report table for existing run directories (any machine)
@@ -9,7 +9,9 @@
 # quickstart sentences as a causal LM (60 steps each):
 #   1. QLoRA on builtin:smollm2-135m, one GPU: 4-bit NF4 base, bf16 compute, paged 8-bit AdamW;
 #   2. full fine-tuning on one GPU (bf16);
-#   3. with 2 or more GPUs: the same full fine-tuning with --nproc 2 (DDP over NCCL).
+#   3. with 2 or more GPUs: the same full fine-tuning with --nproc 2 (DDP over NCCL);
+#   4. `bench/causal.py --quick`: finetui against the seed's causal recipe (LoRA r=64 and QLoRA on SmolLM2, bf16
+#      on the GPU), with the peak GPU memory of each run and finetui's estimate (CAUSAL.md in the output folder).
 # For each it prints samples/s, the peak GPU memory the run measured (rank 0) and the freeze map's memory
 # estimate (per device) beside it. Exit code: 0 all runs finished, 1 a run failed, 2 no NVIDIA GPU here.
 set -euo pipefail
@@ -119,6 +121,13 @@ else
 fi
 if (( ${#runs[@]} )); then
   report "${runs[@]}"
+fi
+echo "gpu_check: causal bench (bench/causal.py --quick, bf16)"
+if timeout 900 python bench/causal.py --quick --out "$out/CAUSAL.md" >"$out/causal.log" 2>&1; then
+  sed -n '/^## Speed/,/^## Start-up/p' "$out/CAUSAL.md"
+else
+  status=1
+  echo "gpu_check: causal bench failed: $(tail -n 3 "$out/causal.log")" >&2
 fi
 echo "gpu_check: runs and logs in $out"
 exit "$status"

@@ -260,7 +260,8 @@ def encode_data(
     tokens and the appended eos only.
 
     `cache`: keep the encoded splits of local files on disk (`engine.cache`), keyed by the files' contents, the
-    data settings, the seed and the tokenizer, and reuse them on the next run (or report) with the same inputs.
+    data settings, the seed (where it picks rows) and the tokenizer, and reuse them on the next run (or report)
+    with the same inputs.
     """
     key = _tokenised_key(cfg, task, tokenizer, seed) if cache else None
     if key is not None and (cached := _load_encoded(key)) is not None:
@@ -308,13 +309,21 @@ def kept_rows(split: Dataset) -> Dataset:
 
 
 def _tokenised_key(cfg: DataConfig, task: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> str | None:
-    """Cache key of a run's encoded data; None for hub datasets (the datasets library caches those itself)."""
+    """Cache key of a run's encoded data; None for hub datasets (the datasets library caches those itself).
+
+    The seed is part of the key only where it picks rows (a carved validation set, `max_*_samples`); neither
+    `packing` (the collator packs) nor `max_leak` (the gate's threshold) changes a row, so runs that differ only
+    there reuse the same tokens.
+    """
     files = [Path(spec).expanduser() for spec in (cfg.train, cfg.validation, cfg.test) if spec]
     if not all(path.is_file() for path in files):
         return None
     contents = [cache_lib.file_digest(path) for path in files]
-    settings = cfg.model_dump(mode="json", exclude={"max_leak"})  # the gate's threshold changes no row
-    return cache_lib.digest("encoded", settings, task, seed, contents, cache_lib.tokenizer_fingerprint(tokenizer))
+    sampled = cfg.validation is None or cfg.max_train_samples is not None or cfg.max_eval_samples is not None
+    settings = cfg.model_dump(mode="json", exclude={"max_leak", "packing"})
+    return cache_lib.digest(
+        "encoded", settings, task, seed if sampled else None, contents, cache_lib.tokenizer_fingerprint(tokenizer)
+    )
 
 
 def _store_encoded(key: str, encoded: EncodedData) -> None:
@@ -406,7 +415,7 @@ def _collator(task: str, tokenizer: PreTrainedTokenizerBase, packing: bool) -> C
     """Pads each batch to its own longest row (labels with -100 for causal LM), or packs causal examples into one
     row with position ids restarting at each example and no attention mask (`data.packing`)."""
     if task == "causal" and packing:
-        return PackingCollator(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return PackingCollator(return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=True)
     if task == "causal":
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
     return DataCollatorWithPadding(tokenizer)
@@ -417,7 +426,8 @@ class PackingCollator(DataCollatorWithFlattening):
 
     The mask functions detect packed examples from restarting position ids only when no KV cache is passed, and
     Llama-like models create one whenever `use_cache` is on (their default, also in training): packed examples
-    would then attend to each other (tests/engine/test_packing.py shows both).
+    would then attend to each other (tests/engine/test_packing.py shows both). The examples' boundaries go along
+    (`cu_seq_lens_q`/`_k`, `max_length_q`/`_k`) for `engine.training.packed_attention` and FlashAttention.
     """
 
     def __call__(self, features: list[dict[str, Any]], return_tensors: Any = None, separator_id: Any = None) -> Any:

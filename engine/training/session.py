@@ -70,7 +70,7 @@ from engine.runs import (
 )
 from engine.sinks import EventSink, FanoutSink, JsonlFileSink
 from engine.strategies import Strategy, get_strategy
-from engine.training import frozen_prefix
+from engine.training import frozen_prefix, packed_attention
 from engine.training.faults import (
     NonFiniteLoss,
     disk_full_message,
@@ -283,6 +283,7 @@ class RunSession:
         model = self.model = strategy.prepare(model)
         if config.data.packing:
             data_lib.check_packing(getattr(model.config, "model_type", ""))
+            packed_attention.use_packed_attention(model)
         self._announce_freeze_map(model, prepared, num_labels, strategy)
         self._check_stop()
         return _Loaded(strategy, tokenizer, prepared, model)

@@ -54,8 +54,13 @@ def test_tokenised_data_is_reused_for_the_same_inputs_only(tmp_path: Path, priva
 
     uncached = prepare_data(data_config(train), task="classification", tokenizer=tokenizer, seed=1)
     assert not uncached.from_cache
+    # The seed picks no rows when the validation file is given and nothing is subsampled: the same tokens.
+    other_seed = prepare_data(data_config(train), task="classification", tokenizer=tokenizer, seed=2, cache=True)
+    assert other_seed.from_cache and other_seed.train.to_dict() == first.train.to_dict()
     misses = [
-        prepare_data(data_config(train), task="classification", tokenizer=tokenizer, seed=2, cache=True),
+        prepare_data(
+            data_config(train, max_train_samples=40), task="classification", tokenizer=tokenizer, seed=2, cache=True
+        ),
         prepare_data(data_config(train, max_length=16), task="classification", tokenizer=tokenizer, seed=1, cache=True),
     ]
     assert not any(prepared.from_cache for prepared in misses)
@@ -64,6 +69,27 @@ def test_tokenised_data_is_reused_for_the_same_inputs_only(tmp_path: Path, priva
     assert not edited.from_cache
     assert edited.train.to_dict() != first.train.to_dict() or edited.validation.to_dict() != first.validation.to_dict()
     assert len(list((private_cache / cache_lib.TOKENISED).iterdir())) == 4
+
+
+def test_the_seed_keys_tokens_only_where_it_picks_rows(tmp_path: Path, private_cache: Path) -> None:
+    """A carved validation set depends on the seed; packing only changes the collator, never the tokens."""
+    tokenizer = load_tokenizer(ModelConfig(id="builtin:tiny-llama"))
+    train = tmp_path / "alpaca.jsonl"
+    train.write_text("".join(f'{{"instruction": "Say {n}", "output": "{n}"}}\n' for n in range(40)), encoding="utf-8")
+    carved = [
+        prepare_data(DataConfig(train=str(train)), task="causal", tokenizer=tokenizer, seed=seed, cache=True)
+        for seed in (1, 2)
+    ]
+    assert not carved[1].from_cache and carved[0].validation.to_dict() != carved[1].validation.to_dict()
+    given = DataConfig(train=str(train), validation=str(train))
+    padded = prepare_data(given, task="causal", tokenizer=tokenizer, seed=1, cache=True)
+    packed = prepare_data(
+        given.model_copy(update={"packing": True}), task="causal", tokenizer=tokenizer, seed=3, cache=True
+    )
+    assert packed.from_cache and packed.train.to_dict() == padded.train.to_dict()
+    rows = [packed.train[index] for index in range(3)]
+    assert packed.collator(rows)["input_ids"].shape == (1, sum(len(row["input_ids"]) for row in rows))
+    assert padded.collator(rows)["input_ids"].shape[0] == 3
 
 
 def test_cached_causal_data_keeps_its_findings(tmp_path: Path, private_cache: Path) -> None:

@@ -3,7 +3,7 @@
 Two kinds of work repeat from run to run with the same inputs: tokenising a data file, and embedding it with a
 frozen model for the `feature` strategy. Both are kept under `engine.models.cache_dir()`:
 
-    tokenised/<key>/{train,validation,test}/ + meta.json   tokenised splits (datasets' arrow files)
+    tokenised/<key>/{train,validation,test}/ + meta.json   encoded splits: every row, and why some are left out
     features/<key>.npy                                      pooled embeddings of one tokenised split
 
 A key is a digest of everything the result depends on (file contents, tokenizer, settings, the cache format
@@ -13,6 +13,7 @@ into place, so a reader sees a complete entry or none. Deleting the folders is a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -40,8 +41,21 @@ def digest(*parts: Any) -> str:
 
 def file_digest(path: str | Path) -> str:
     """Digest of a file's bytes (a renamed or touched file with the same content keeps its key)."""
-    with Path(path).open("rb") as handle:
-        return hashlib.file_digest(handle, "blake2b").hexdigest()[:32]
+    return file_sha256(path)[:32]
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in chunks; computed once per process while the file's size and mtime stay
+    (the tokenised-data key and the run's environment.json share it)."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return _sha256(str(resolved), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:

@@ -1,4 +1,5 @@
-"""The headless command line: `finetui run | attach | inspect | eval | generate | chat | export | presets`.
+"""The headless command line: `finetui run | attach | inspect | data | eval | generate | chat | export | diff |
+rerun | presets`.
 
 Exit codes: 0 done, 1 training failed, 2 bad input (one line on stderr, never a traceback),
 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP (the run is checkpointed and resumable with `--resume`).
@@ -21,10 +22,11 @@ from rich.console import Console
 from engine.config import ConfigError, RunConfig, load_config, read_preset_file
 from engine.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_STOPPED
 from engine.inference import checks
+from engine.notify import alert_terminal, end_message
 from engine.parallel import LAUNCHED_ENV
-from engine.preflight import check_run_config
+from engine.preflight import check_data_config, check_run_config
 from engine.presets import bundled_presets, resolve_preset
-from engine.runs import check_resumable, load_run_config, override_resumed_config
+from engine.runs import CONFIG_FILE, check_resumable, load_run_config, override_resumed_config, read_summary
 from engine.sampling import GenerationSettings
 from engine.sinks import EventSink, GuardedSink, JsonLinesSink
 from engine.views import (
@@ -38,7 +40,7 @@ from engine.views import (
     memory_table,
 )
 
-SUBCOMMANDS = ("run", "attach", "inspect", "eval", "generate", "chat", "export", "presets")
+SUBCOMMANDS = ("run", "attach", "inspect", "data", "eval", "generate", "chat", "export", "diff", "rerun", "presets")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -157,7 +159,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
-        return follow_run(run_dir, sink, should_stop=lambda: bool(interrupts), on_stop_sent=on_stop_sent)
+        code = follow_run(run_dir, sink, should_stop=lambda: bool(interrupts), on_stop_sent=on_stop_sent)
+        alert_terminal(end_message(read_summary(run_dir) or {"run_dir": str(run_dir)}), sys.stderr)
+        return code
     except ProcessVanished as exc:
         sys.stderr.write(f"finetui: error: {exc}\n")
         return EXIT_FAILED
@@ -179,6 +183,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console.print(freeze_map_table(report))
     if report.get("memory"):
         console.print(memory_table(report["memory"]))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Report the data a run would train on; exit 2 (after the report) when `run` would refuse it."""
+    config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
+    check_data_config(config)
+    from engine.data_report import build_report, render_report
+
+    report = build_report(config)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        Console().print(render_report(report))
+    if report.error is not None:
+        raise ConfigError(report.error)
     return 0
 
 
@@ -374,6 +394,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    """What differs between two runs: config keys, environment, data files, final metrics, loss curves."""
+    from engine.run_diff import diff_lines, diff_runs
+
+    diff = diff_runs(Path(args.run_a), Path(args.run_b))
+    if args.json:
+        _print_json(diff.to_dict())
+    else:
+        sys.stdout.write("\n".join(diff_lines(diff)) + "\n")
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """A new run with a run's recorded config.toml, after a warning for each way this machine differs from it."""
+    from engine.environment import rerun_warnings
+
+    run_dir = Path(args.run_dir)
+    for warning in rerun_warnings(run_dir):
+        sys.stderr.write(f"finetui: warning: {warning}\n")
+    defaults = vars(build_parser().parse_args(["run"]))
+    output_dir = args.output_dir or run_dir.parent
+    rerun = {"preset": str(run_dir / CONFIG_FILE), "output_dir": output_dir, "json": args.json}
+    return cmd_run(argparse.Namespace(**{**defaults, **rerun}))
+
+
 def _section_keys(section: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
     rows = []
     for name, field in section.model_fields.items():
@@ -405,6 +450,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+SET_HELP = "override a preset key, e.g. --set train.lr=2e-4 (repeatable; see `finetui presets --keys`)"
+Subparsers = Any  # argparse's _SubParsersAction
+
+
 def _sampling_options(parser: argparse.ArgumentParser) -> None:
     """Decoding options (`engine.sampling.GenerationSettings`): greedy unless --temperature is above 0."""
     parser.add_argument("--max-new-tokens", type=int, help="the most tokens per answer (default 256)")
@@ -415,8 +464,7 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="sampling: the same seed gives the same answers")
 
 
-def _add_use_parsers(sub: Any) -> None:
-    """`generate`, `chat` and `export`: using what a run trained."""
+def _add_generate(sub: Subparsers) -> None:
     generate = sub.add_parser("generate", help="answer a prompt with a run's model (or the base, or both)")
     generate.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
     given = generate.add_mutually_exclusive_group(required=True)
@@ -436,11 +484,15 @@ def _add_use_parsers(sub: Any) -> None:
     generate.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     generate.set_defaults(handler=cmd_generate)
 
+
+def _add_chat(sub: Subparsers) -> None:
     chat = sub.add_parser("chat", help="talk with a run's causal LM (/base, /reset; Ctrl-D ends)")
     chat.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
     _sampling_options(chat)
     chat.set_defaults(handler=cmd_chat)
 
+
+def _add_export(sub: Subparsers) -> None:
     export = sub.add_parser("export", help="a folder plain transformers loads, checked against the run")
     export.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
     export.add_argument("--out", required=True, help="a new or empty folder")
@@ -450,16 +502,12 @@ def _add_use_parsers(sub: Any) -> None:
     export.set_defaults(handler=cmd_export)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetui", description="Fine-tune language models: headless commands.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    set_help = "override a preset key, e.g. --set train.lr=2e-4 (repeatable; see `finetui presets --keys`)"
-
+def _add_run(sub: Subparsers) -> None:
     run = sub.add_parser("run", help="train a preset", description="Train, evaluate and save a run.")
     run.add_argument("preset", nargs="?", help="preset file or bundled preset name (see `finetui presets`)")
     run.add_argument("--model", help="model id (short for --set model.id=M)")
     run.add_argument("--strategy", help="strategy kind (short for --set strategy.kind=S)")
-    run.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
+    run.add_argument("--set", action="append", default=[], metavar="K=V", help=SET_HELP)
     run.add_argument(
         "--nproc", type=int, default=None, metavar="N", help="training processes, one per GPU (--set train.nproc=N)"
     )
@@ -477,31 +525,89 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--detached-child", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)
 
+
+def _add_attach(sub: Subparsers) -> None:
     attach = sub.add_parser("attach", help="follow a (detached) run live; Ctrl-C stops it")
     attach.add_argument("run_dir", help="a run directory (printed by `finetui run --detach`)")
     attach.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
     attach.set_defaults(handler=cmd_attach)
 
+
+def _add_inspect(sub: Subparsers) -> None:
     inspect = sub.add_parser("inspect", help="freeze map and memory estimate, without training")
     inspect.add_argument("preset", nargs="?", help="preset file or bundled preset name")
     inspect.add_argument("--model", help="model id: hub id, local dir, .gguf file or builtin:NAME")
     inspect.add_argument("--strategy", help="strategy kind (short for --set strategy.kind=S)")
-    inspect.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
+    inspect.add_argument("--set", action="append", default=[], metavar="K=V", help=SET_HELP)
     inspect.add_argument("--json", action="store_true", help="one JSON object on stdout")
     inspect.set_defaults(handler=cmd_inspect)
 
-    evaluate = sub.add_parser("eval", help="score a finished run's model on a data file")
+
+def _add_data(sub: Subparsers) -> None:
+    data = sub.add_parser(
+        "data",
+        help="report the data a preset trains on (rows, labels, lengths, leaks), without loading weights",
+        description="Report the data a run would see: rows and why some are left out, labels, token lengths, "
+        "one rendered example, duplicates and rows shared with train. Exit 2 when `run` would refuse it.",
+    )
+    data.add_argument("preset", nargs="?", help="preset file or bundled preset name")
+    data.add_argument("--model", help="model id whose tokenizer is used (short for --set model.id=M)")
+    data.add_argument("--set", action="append", default=[], metavar="K=V", help=SET_HELP)
+    data.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    data.set_defaults(handler=cmd_data)
+
+
+def _add_eval(sub: Subparsers) -> None:
+    evaluate = sub.add_parser("eval", help="score a run's model on a data file")
     evaluate.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
     evaluate.add_argument("--data", required=True, help="data file (csv, tsv, json, jsonl, parquet) or hub id")
-    evaluate.add_argument("--set", action="append", default=[], metavar="K=V", help=set_help)
+    evaluate.add_argument("--set", action="append", default=[], metavar="K=V", help=SET_HELP)
     evaluate.add_argument("--json", action="store_true", help="one JSON object of metrics on stdout")
     evaluate.set_defaults(handler=cmd_eval)
 
-    _add_use_parsers(sub)
 
+def _add_presets(sub: Subparsers) -> None:
     presets = sub.add_parser("presets", help="list the bundled presets")
     presets.add_argument("--keys", action="store_true", help="list every preset key with its default")
     presets.set_defaults(handler=cmd_presets)
+
+
+def _add_diff(sub: Subparsers) -> None:
+    diff = sub.add_parser("diff", help="what differs between two runs (config, environment, data, results)")
+    diff.add_argument("run_a", help="a run directory")
+    diff.add_argument("run_b", help="another run directory")
+    diff.add_argument("--json", action="store_true", help="one JSON object: config, environment, data, metrics, loss")
+    diff.set_defaults(handler=cmd_diff)
+
+
+def _add_rerun(sub: Subparsers) -> None:
+    rerun = sub.add_parser("rerun", help="train again with a run's recorded config; warns about what changed since")
+    rerun.add_argument("run_dir", help="a run directory")
+    rerun.add_argument("--output-dir", type=Path, default=None, help="parent of the new run (default: the run's)")
+    rerun.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    rerun.set_defaults(handler=cmd_rerun)
+
+
+SUBCOMMAND_PARSERS = (
+    _add_run,
+    _add_attach,
+    _add_inspect,
+    _add_data,
+    _add_eval,
+    _add_generate,
+    _add_chat,
+    _add_export,
+    _add_diff,
+    _add_rerun,
+    _add_presets,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetui", description="Fine-tune language models: headless commands.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMAND_PARSERS:
+        add(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ names the field (`ConfigError`), never a traceback.
 
 from __future__ import annotations
 
+import codecs
 import re
 import tomllib
 from pathlib import Path
@@ -51,12 +52,21 @@ class DataConfig(_Section):
     """Held-out test data (file or hub split name), scored once at the end."""
     config_name: str | None = None
     """Hub dataset configuration (subset) name."""
-    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"] = "auto"
-    """File format; `auto` goes by the file extension."""
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "lines"] = "auto"
+    """File format; `auto` goes by the file extension. `lines`: one example per line, split into columns by
+    `line_pattern` (files such as TREC's `TREC.train` or Kim's SST files, with the label at the start)."""
+    line_pattern: str = r"^(?P<label>\S+)\s+(?P<text>.+)$"
+    """`format = "lines"`: a regular expression matched against each line; its named groups become the columns.
+    The default reads `LABEL text`; TREC's `COARSE:fine text` is '^(?P<label>[^:]+):\\S+ (?P<text>.+)$'."""
+    encoding: str = "utf-8"
+    """Text encoding of csv, tsv, json, jsonl and lines files, e.g. `latin-1` for older corpora."""
     header: bool | None = None
     """Whether csv/tsv files have a header row; `None` detects it."""
-    text_field: str = "text"
-    """Column holding the input text (classification, or plain-text causal data)."""
+    text_field: str | list[str] = "text"
+    """Column holding the input text (classification, or plain-text causal data); a list of columns (e.g.
+    ["title", "description"]) is joined with `text_separator`."""
+    text_separator: str = "\n"
+    """What joins the columns of a list `text_field`, and the prompt and the response under `template = "none"`."""
     label_field: str = "label"
     """Column holding the label (integers or strings; strings are mapped to ids, names kept)."""
     instruction_field: str = "instruction"
@@ -70,7 +80,11 @@ class DataConfig(_Section):
     response_field: str = "response"
     """Response column of prompt/response causal data."""
     template: Literal["alpaca", "chat", "none"] = "alpaca"
-    """Causal prompt format: Alpaca template, the tokenizer's chat template, or the raw text field."""
+    """Causal prompt format: Alpaca template, the tokenizer's chat template, or none (the text as it is, special
+    tokens such as <s> and </s> included: no second BOS or EOS is added)."""
+    response_marker: str | None = None
+    """`template = "none"` on one text column: the loss covers only the text after the last occurrence of this
+    marker (e.g. "[/INST]" in Llama-2 chat text); rows without it are dropped."""
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     """Share of train carved out (seeded by `train.seed`) when no validation data is given."""
     max_length: int = Field(default=256, ge=8, le=131072)
@@ -81,6 +95,44 @@ class DataConfig(_Section):
     """Use only a seeded random N of the validation and test rows (quick runs)."""
     packing: bool = False
     """Causal LM (Llama, Qwen2/3): each batch is one row without padding; attention stays within each example."""
+    dedupe: bool = False
+    """Drop from train the rows that repeat an earlier train row or occur in validation or test (compared as
+    normalised text: Unicode NFKC, case and runs of whitespace ignored); `finetui data` counts them."""
+    max_leak: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Largest share of the validation (or test) rows that may also occur in train; above it `run` refuses to
+    start (the scores would be inflated). 1.0 allows any overlap."""
+
+    @field_validator("line_pattern")
+    @classmethod
+    def _pattern_names_columns(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc})") from None
+        if not compiled.groupindex:
+            raise ValueError("needs named groups, which become the columns, e.g. (?P<label>\\S+) (?P<text>.+)")
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError("unknown text encoding; use e.g. utf-8, latin-1, cp1252 or utf-16") from None
+        return value
+
+    @field_validator("text_field")
+    @classmethod
+    def _columns_named(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or not all(value)):
+            raise ValueError('must name at least one column, e.g. ["title", "description"]')
+        return value
+
+    @property
+    def text_columns(self) -> list[str]:
+        """`text_field` as a list of column names."""
+        return [self.text_field] if isinstance(self.text_field, str) else list(self.text_field)
 
 
 class StrategyConfig(_Section):
@@ -180,6 +232,14 @@ class TrainConfig(_Section):
     `paged_adamw_8bit` (bitsandbytes, CUDA: 8-bit states paged to host memory, for QLoRA), ..."""
     output_dir: str = "runs"
     """Where run directories (`<name>-<timestamp>/`) are created."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers the Trainer reports to, through its own integrations: TensorBoard writes into the run's
+    `tensorboard/` folder; wandb and mlflow follow their environment variables (WANDB_PROJECT, MLFLOW_TRACKING_URI).
+    Each needs its package: pip install 'finetui[tensorboard]' (or [wandb], [mlflow])."""
+    notify_command: str | list[str] | None = None
+    """A command run once when the run ends (finished, failed or stopped) with summary.json on its stdin, e.g. a mail
+    or chat hook: an argument list, or a string split like a shell would (no shell runs it). Its failure is
+    logged and never fails the run."""
 
     @field_validator("precision")
     @classmethod

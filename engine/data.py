@@ -5,6 +5,11 @@ Every strategy and the trainer need the same thing: train/validation/test sets h
 Reading user files is also where most user mistakes happen (wrong column, stray quote, Latin-1 file), so each
 of them becomes a one-line `DataError` here instead of a pyarrow traceback deep inside training.
 
+Rows that cannot train (empty text, a missing or unknown label, a response truncated away, ...) are not errors:
+`encode_data` keeps every row, tokenised as training sees it, with the reason each left-out row is left out and
+its untruncated length; `prepare_data` trains on the rest. `engine.data_report` reads the same encoded rows,
+so what `finetui data` shows is what training gets, by construction.
+
 Nothing is padded at tokenisation time: rows keep their real length so that the collator pads per batch and
 HF Trainer's `group_by_length` can measure lengths from `input_ids`.
 """
@@ -15,13 +20,16 @@ import csv
 import io
 import json
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import ClassLabel, Dataset
 from transformers import (
@@ -32,9 +40,9 @@ from transformers import (
 )
 
 from engine import cache as cache_lib
-from engine.config import ConfigError, DataConfig
+from engine.config import DataConfig
 from engine.fsio import publish_dir
-from engine.sources import FORMAT_BY_SUFFIX, is_hub_dataset, looks_like_data_path, unknown_format_message
+from engine.sources import DataError, decode_text, file_format, is_hub_dataset, looks_like_data_path
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 INTEGER = re.compile(r"[+-]?\d+")
@@ -44,6 +52,24 @@ IGNORE_INDEX = -100
 # into a block-diagonal mask (sdpa, eager, flash and flex attention alike): packed examples never see each other.
 PACKABLE_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 MAP_BATCH_SIZE = 1000
+TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
+ROW = "row"  # an encoded row's position in the file it was read from (0-based)
+LENGTH = "length"  # an encoded row's length in tokens before truncation (0 for a row left out before tokenising)
+DROPPED = "dropped"  # why a row is left out of training ("" when it trains)
+_ROW_SOURCE = "__finetui_row__"  # the row number column while a split is read, carved and subsampled
+
+# Why a row is left out (the values of the `dropped` column)
+EMPTY_TEXT = "empty text"
+MISSING_LABEL = "missing label"
+UNKNOWN_LABEL = "unknown label"
+UNSEEN_LABEL = "label unseen in training"
+WRONG_TYPE = "wrong type"
+EMPTY_RESPONSE = "empty response"
+NO_MARKER = "no response marker"
+TRUNCATED_AWAY = "response truncated away"
+# Train rows data.dedupe removes before encoding (`EncodedData.removed`)
+DUPLICATE = "duplicates"
+IN_EVALUATION = "also in validation or test"
 
 # Stanford Alpaca's two prompts (tatsu-lab/stanford_alpaca PROMPT_DICT) with the newline after "### Response:"
 # that its README and Alpaca-LoRA use (its train.py omits it), so the response starts on its own line.
@@ -63,8 +89,40 @@ Encoder = Callable[[dict[str, list[Any]]], dict[str, list[Any]]]
 Collator = Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 
-class DataError(ConfigError):
-    """Training data that cannot be used as given: the message is one line saying what to fix."""
+@dataclass
+class EncodedData:
+    """Every row of a run's splits, tokenised as training sees it, and what was found on the way.
+
+    Each split has the columns `input_ids`, `attention_mask`, `labels` (empty and -100 for a row left out),
+    `length` (tokens before truncation), `dropped` (the reason a row is left out, "" when it trains) and `row`
+    (its position in the file it came from; a carved validation row is a train-file row).
+    """
+
+    task: str
+    max_length: int
+    splits: dict[str, Dataset]
+    columns: list[str]
+    """The columns of the train data."""
+    fields: dict[str, Any]
+    """The field mapping used: `data.*_field` keys (and the causal `layout`) to column names."""
+    label_names: list[str] | None
+    num_labels: int | None
+    carved: bool
+    """Whether validation was carved from train (`validation_fraction`)."""
+    notes: list[dict[str, str]]
+    """Findings made while preparing, each {"field": a config key, "message": one line}."""
+    duplicates: dict[str, Any]
+    """Within the train data as read: `exact` and `normalised` repeats of an earlier row, and a few `examples`."""
+    leaked: dict[str, dict[str, Any]]
+    """Per evaluation split: `count` of its rows whose text also occurs in train, the first `rows`, a few
+    `examples`."""
+    removed: dict[str, list[int]]
+    """Train rows `data.dedupe` removed before encoding, by reason."""
+    from_cache: bool = False
+
+    def meta(self) -> dict[str, Any]:
+        """Everything but the splits, JSON-ready (the tokenisation cache stores it beside them)."""
+        return {name: value for name, value in vars(self).items() if name not in ("splits", "from_cache")}
 
 
 @dataclass
@@ -72,8 +130,8 @@ class PreparedData:
     """Tokenised splits ready for HF Trainer, plus what the model and the trainer need to know about them.
 
     Each split has exactly the columns `input_ids`, `attention_mask` and `labels`, unpadded. `labels` is the
-    class id for classification and, for causal LM, the token ids with -100 on prompt tokens. `warnings` holds
-    one-line notes for the run log (dropped examples, a capped max_length).
+    class id for classification and, for causal LM, the token ids with -100 on prompt tokens. `encoded` holds
+    every row with why the missing ones are left out (`engine.data_report` reads it and gates the run).
     """
 
     train: Dataset
@@ -82,8 +140,30 @@ class PreparedData:
     label_names: list[str] | None
     num_labels: int | None
     collator: Collator
-    warnings: list[str] = field(default_factory=list)
+    encoded: EncodedData
     from_cache: bool = False
+
+
+@dataclass(frozen=True)
+class _LabelSpace:
+    """The classes: their names, their count, and the map from label values to ids (None: the values are ids)."""
+
+    names: list[str] | None
+    count: int
+    ids: dict[Any, int] | None = None
+    note: str | None = None
+
+    def id_of(self, value: Any, role: str) -> tuple[int, str]:
+        """(class id, "") for a usable label; (-100, why not) otherwise."""
+        if _is_missing(value):
+            return IGNORE_INDEX, MISSING_LABEL
+        if isinstance(value, bool) or not isinstance(value, int | str) or (self.ids is None and isinstance(value, str)):
+            return IGNORE_INDEX, WRONG_TYPE
+        if self.ids is not None and value in self.ids:
+            return self.ids[value], ""
+        if self.ids is None and 0 <= value < self.count:
+            return value, ""
+        return IGNORE_INDEX, UNKNOWN_LABEL if role == "train" else UNSEEN_LABEL
 
 
 def read_table(
@@ -93,15 +173,20 @@ def read_table(
     header: bool | None = None,
     config_name: str | None = None,
     split: str | None = None,
+    encoding: str = "utf-8",
+    line_pattern: str | None = None,
 ) -> Dataset:
-    """Read one table: a local csv/tsv/json/jsonl/parquet file, or split `split` (default train) of a hub dataset.
+    """Read one table: a local csv/tsv/json/jsonl/parquet/lines file, or split `split` (default train) of a hub
+    dataset.
 
     `source` is a local file when it exists or looks like a path (has a data-file extension, starts with `/`,
     `.` or `~`); otherwise a name such as `rotten_tomatoes` or `owner/name` goes to `datasets.load_dataset`
     with `config_name`. csv/tsv headers are detected when `header` is None; headerless files get columns
     `text`,`label` (two columns; `label`,`text` when the first one is numeric) or `column_0`, `column_1`, ...
     JSON files hold a list of objects or one object per line; lines are split on "\\n" only, never on the
-    Unicode line breaks (U+0085, U+2028) that real text contains.
+    Unicode line breaks (U+0085, U+2028) that real text contains. `lines` files (`fmt="lines"`) hold one example
+    per line, split into columns by the named groups of `line_pattern` (default: `LABEL text`). Text files are
+    decoded with `encoding`.
     """
     if not source.strip():
         raise DataError("no data given: set data.train to a data file or a hub dataset id")
@@ -109,114 +194,150 @@ def read_table(
     if path.is_dir():
         raise DataError(f"{source}: is a directory; give a data file (csv, tsv, json, jsonl or parquet)")
     if path.is_file():
-        return _read_file(path, fmt, header)
+        return _read_file(path, fmt, header, encoding, line_pattern or DataConfig().line_pattern)
     if not is_hub_dataset(source):
         raise DataError(f"{source}: no such file")
     return _load_hub_split(source, config_name, split or "train")
 
 
+def read_data(cfg: DataConfig, source: str, split: str | None = None) -> Dataset:
+    """`read_table` with a run's reading settings (format, header, encoding, line pattern, hub config)."""
+    return read_table(
+        source,
+        fmt=cfg.format,
+        header=cfg.header,
+        config_name=cfg.config_name,
+        split=split,
+        encoding=cfg.encoding,
+        line_pattern=cfg.line_pattern,
+    )
+
+
 def prepare_data(
     cfg: DataConfig, *, task: str, tokenizer: PreTrainedTokenizerBase, seed: int, cache: bool = False
 ) -> PreparedData:
-    """Load, subsample, check and tokenise the train/validation/test data of a run.
+    """The train/validation/test data of a run, tokenised, without the rows that cannot train.
+
+    `encode_data` reads, checks and tokenises every row; this keeps the rows that train (`dropped` empty) with
+    just the columns the Trainer feeds the model. `engine.data_report.check_data` decides whether what is left
+    can train (the run's gate).
+    """
+    if cfg.packing and task != "causal":
+        raise DataError("data.packing: packs causal LM examples; classification batches are padded per batch already")
+    encoded = encode_data(cfg, task=task, tokenizer=tokenizer, seed=seed, cache=cache)
+    kept = {role: kept_rows(split) for role, split in encoded.splits.items()}
+    return PreparedData(
+        train=kept["train"],
+        validation=kept["validation"],
+        test=kept.get("test"),
+        label_names=encoded.label_names,
+        num_labels=encoded.num_labels,
+        collator=_collator(task, tokenizer, cfg.packing),
+        encoded=encoded,
+        from_cache=encoded.from_cache,
+    )
+
+
+def encode_data(
+    cfg: DataConfig, *, task: str, tokenizer: PreTrainedTokenizerBase, seed: int, cache: bool = False
+) -> EncodedData:
+    """Load, subsample, check and tokenise every row of a run's train/validation/test data.
 
     `data.train` is a local file or a hub dataset id (its `train` split). `data.validation` and `data.test` are
     local files, or, when train is a hub dataset, split names of that same dataset (IMDB has only train and
     test: set `test = "test"` and leave validation unset). An unset validation is carved from the shuffled
     train set (`validation_fraction`, seeded by `seed`). `max_train_samples` keeps the first N train rows after
     a seeded shuffle and `max_eval_samples` does the same for validation and test, so a small evaluation set
-    is not all one class when the file is sorted by label.
+    is not all one class when the file is sorted by label. `dedupe` drops repeated train rows before the carve
+    and train rows that occur in validation or test after it.
 
-    Classification: integer labels are kept (num_labels = largest + 1), string labels become ids in sorted
-    order with the names kept; hub `ClassLabel` names are used as they are.
+    Classification: integer labels 0..K-1 are the ids; other integers are mapped to ids in sorted order with
+    the values kept as names (a file numbering its classes 1..K has K classes, not K+1), and string labels
+    likewise; hub `ClassLabel` names are used as they are. Text columns (`text_field`, one or a list joined by
+    `text_separator`) longer than `max_length` are truncated.
     Causal (`task="causal"`): rows are instruction/input/output (Alpaca), prompt/response, or a single text
-    column (`template="none"`); the loss covers the response tokens and the appended eos only. Examples whose
-    response is empty or truncated away by `max_length` are dropped and counted in `warnings`.
+    column (`template="none"`), rendered through `template` (`render_prompt`); the loss covers the response
+    tokens and the appended eos only.
 
-    `cache`: keep the tokenised splits of local files on disk (`engine.cache`), keyed by the files' contents, the
-    data settings, the seed and the tokenizer, and reuse them on the next run with the same inputs.
+    `cache`: keep the encoded splits of local files on disk (`engine.cache`), keyed by the files' contents, the
+    data settings, the seed and the tokenizer, and reuse them on the next run (or report) with the same inputs.
     """
-    if cfg.packing and task != "causal":
-        raise DataError("data.packing: packs causal LM examples; classification batches are padded per batch already")
     key = _tokenised_key(cfg, task, tokenizer, seed) if cache else None
-    if key is not None and (cached := _load_tokenised(key, task, tokenizer, cfg.packing)) is not None:
+    if key is not None and (cached := _load_encoded(key)) is not None:
         return cached
-    warnings: list[str] = []
-    max_length = _effective_max_length(cfg, tokenizer, warnings)
-    train, validation, test = _load_splits(cfg, seed)
-    train = _take(train, cfg.max_train_samples, seed)
-    validation = _take(validation, cfg.max_eval_samples, seed)
-    test = _take(test, cfg.max_eval_samples, seed) if test is not None else None
-    named = {"train": train, "validation": validation, "test": test}
-    present = {role: split for role, split in named.items() if split is not None}
-
-    label_names, num_labels, label_ids = None, None, None
+    notes: list[dict[str, str]] = []
+    max_length = _effective_max_length(cfg, tokenizer, notes)
+    loaded = _load_splits(cfg, task, seed)
+    space = None
     if task == "classification":
-        _require_columns(present, {"text_field": cfg.text_field, "label_field": cfg.label_field})
-        label_names, num_labels, label_ids = _label_space(train, cfg.label_field)
-        for role, split in present.items():
-            _check_labels(role, split, cfg.label_field, num_labels, label_ids)
-    encode, collator = _encoder_and_collator(cfg, task, tokenizer, max_length, label_ids, present)
-    tokenised = {role: _tokenise(role, split, encode, max_length, warnings) for role, split in present.items()}
-    prepared = PreparedData(
-        train=tokenised["train"],
-        validation=tokenised["validation"],
-        test=tokenised.get("test"),
-        label_names=label_names,
-        num_labels=num_labels,
-        collator=collator,
-        warnings=warnings,
+        space = _label_space(loaded.splits["train"], cfg.label_field)
+        if space.note:
+            notes.append({"field": "data.label_field", "message": space.note})
+    splits = {
+        role: _encode_split(role, split, _encoder(cfg, task, tokenizer, max_length, loaded.fields, space, role))
+        for role, split in loaded.splits.items()
+    }
+    encoded = EncodedData(
+        task=task,
+        max_length=max_length,
+        splits=splits,
+        columns=loaded.columns,
+        fields=loaded.fields,
+        label_names=space.names if space else None,
+        num_labels=space.count if space else None,
+        carved=loaded.carved,
+        notes=notes,
+        duplicates=loaded.duplicates,
+        leaked=loaded.leaked,
+        removed=loaded.removed,
     )
     if key is not None:
-        _store_tokenised(key, prepared)
-    return prepared
+        _store_encoded(key, encoded)
+    return encoded
+
+
+def kept_rows(split: Dataset) -> Dataset:
+    """The rows of an encoded split that train, with only the columns the model is fed."""
+    dropped = split.with_format("arrow")[DROPPED]
+    keep = np.flatnonzero(pc.equal(dropped, "").to_numpy())
+    if len(keep) < len(split):
+        split = split.select(keep)
+    return split.select_columns(TOKEN_COLUMNS)
 
 
 def _tokenised_key(cfg: DataConfig, task: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> str | None:
-    """Cache key of a run's tokenised data; None for hub datasets (the datasets library caches those itself)."""
+    """Cache key of a run's encoded data; None for hub datasets (the datasets library caches those itself)."""
     files = [Path(spec).expanduser() for spec in (cfg.train, cfg.validation, cfg.test) if spec]
     if not all(path.is_file() for path in files):
         return None
     contents = [cache_lib.file_digest(path) for path in files]
-    return cache_lib.digest(
-        "tokenised", cfg.model_dump(mode="json"), task, seed, contents, cache_lib.tokenizer_fingerprint(tokenizer)
-    )
+    settings = cfg.model_dump(mode="json", exclude={"max_leak"})  # the gate's threshold changes no row
+    return cache_lib.digest("encoded", settings, task, seed, contents, cache_lib.tokenizer_fingerprint(tokenizer))
 
 
-def _store_tokenised(key: str, prepared: PreparedData) -> None:
+def _store_encoded(key: str, encoded: EncodedData) -> None:
     def write(folder: Path) -> None:
-        for role in ("train", "validation", "test"):
-            split = getattr(prepared, role)
-            if split is not None:
-                split.save_to_disk(str(folder / role))
-        meta = {"label_names": prepared.label_names, "num_labels": prepared.num_labels, "warnings": prepared.warnings}
-        (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        for role, split in encoded.splits.items():
+            split.save_to_disk(str(folder / role))
+        (folder / "meta.json").write_text(json.dumps(encoded.meta()), encoding="utf-8")
 
     target = cache_lib.tokenised_dir(key)
     if not target.is_dir():
         publish_dir(target, write)
 
 
-def _load_tokenised(key: str, task: str, tokenizer: PreTrainedTokenizerBase, packing: bool) -> PreparedData | None:
+def _load_encoded(key: str) -> EncodedData | None:
     folder = cache_lib.tokenised_dir(key)
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         splits = {
-            role: datasets.load_from_disk(str(folder / role)) if (folder / role).is_dir() else None
+            role: datasets.load_from_disk(str(folder / role))
             for role in ("train", "validation", "test")
+            if (folder / role).is_dir()
         }
-    except (OSError, ValueError, FileNotFoundError):
+        return EncodedData(**meta, splits=splits, from_cache=True)
+    except (OSError, ValueError, TypeError):
         return None
-    return PreparedData(
-        train=splits["train"],
-        validation=splits["validation"],
-        test=splits["test"],
-        label_names=meta["label_names"],
-        num_labels=meta["num_labels"],
-        collator=_collator(task, tokenizer, packing),
-        warnings=meta["warnings"],
-        from_cache=True,
-    )
 
 
 def prepare_eval_split(
@@ -230,45 +351,53 @@ def prepare_eval_split(
 ) -> tuple[Dataset, Collator]:
     """One held-out file (or hub dataset's train split) tokenised as a run's training data was (`finetui eval`).
 
-    Every row is scored (`max_eval_samples` of the run does not apply). String labels are mapped with the run's
-    `label_names`; a label the run never saw is a DataError.
+    Every row is scored (`max_eval_samples` of the run does not apply): a row that cannot be (empty text, a
+    label the run never saw, ...) is a DataError naming it. Causal rows whose response is truncated away are
+    left out, as in training. Labels are mapped with the run's `label_names`.
     """
-    warnings: list[str] = []
-    max_length = _effective_max_length(cfg, tokenizer, warnings)
-    split = read_table(source, fmt=cfg.format, header=cfg.header, config_name=cfg.config_name)
-    label_ids = None
+    max_length = _effective_max_length(cfg, tokenizer, [])
+    split = read_data(cfg, source)
+    fields = _fields(cfg, task, split.column_names)
+    split = _numbered(split)
+    _require_columns({"test": split}, fields)
+    space = None
     if task == "classification":
-        _require_columns({"test": split}, {"text_field": cfg.text_field, "label_field": cfg.label_field})
-        if label_names and any(isinstance(value, str) for value in split.unique(cfg.label_field)):
-            label_ids = {name: index for index, name in enumerate(label_names)}
-        _check_labels("test", split, cfg.label_field, num_labels or len(label_names or []), label_ids)
-    encode, collator = _encoder_and_collator(cfg, task, tokenizer, max_length, label_ids, {"test": split})
-    return _tokenise("test", split, encode, max_length, warnings), collator
+        space = _eval_label_space(label_names, num_labels, column_values(split, cfg.label_field))
+    encoded = _encode_split("test", split, _encoder(cfg, task, tokenizer, max_length, fields, space, "test"))
+    reasons = column_values(encoded, DROPPED)
+    for row, reason in zip(column_values(encoded, ROW), reasons, strict=True):
+        if reason and reason != TRUNCATED_AWAY:
+            raise DataError(f"{source}: row {row + 1}: {reason}; fix or drop that row")
+    if all(reasons):
+        raise DataError(
+            f"{source}: no example keeps any response tokens within max_length {max_length}; raise data.max_length"
+        )
+    return kept_rows(encoded), _collator(task, tokenizer, cfg.packing)
 
 
-def _effective_max_length(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, warnings: list[str]) -> int:
+def _eval_label_space(label_names: list[str] | None, num_labels: int | None, values: list[Any]) -> _LabelSpace:
+    """The run's classes, keyed by the values a held-out file writes them as (ids, names, or integer names)."""
+    if not label_names:
+        return _LabelSpace(None, num_labels or 0)
+    by_name = {name: index for index, name in enumerate(label_names)}
+    if any(isinstance(value, str) for value in values):
+        return _LabelSpace(label_names, len(label_names), by_name)
+    if all(INTEGER.fullmatch(name) for name in label_names):
+        return _LabelSpace(label_names, len(label_names), {int(name): index for name, index in by_name.items()})
+    return _LabelSpace(label_names, num_labels or len(label_names))
+
+
+def _effective_max_length(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, notes: list[dict[str, str]]) -> int:
     if cfg.max_length > tokenizer.model_max_length:
-        warnings.append(
-            f"data.max_length {cfg.max_length} exceeds the tokenizer's limit; using {tokenizer.model_max_length}"
+        notes.append(
+            {
+                "field": "data.max_length",
+                "message": f"data.max_length {cfg.max_length} exceeds the tokenizer's limit; "
+                f"using {tokenizer.model_max_length}",
+            }
         )
         return tokenizer.model_max_length
     return cfg.max_length
-
-
-def _encoder_and_collator(
-    cfg: DataConfig,
-    task: str,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    label_ids: dict[Any, int] | None,
-    present: dict[str, Dataset],
-) -> tuple[Encoder, Collator]:
-    collator = _collator(task, tokenizer, cfg.packing)
-    if task == "classification":
-        return _classification_encoder(cfg, tokenizer, max_length, label_ids), collator
-    if task == "causal":
-        return _causal_encoder(cfg, tokenizer, max_length, _causal_layout(cfg, present)), collator
-    raise ValueError(f"unknown task {task!r}: expected classification or causal")
 
 
 def _collator(task: str, tokenizer: PreTrainedTokenizerBase, packing: bool) -> Collator:
@@ -318,31 +447,40 @@ def _load_hub_split(dataset_id: str, config_name: str | None, split: str) -> Dat
     return loaded
 
 
-def _read_file(path: Path, fmt: str, header: bool | None) -> Dataset:
-    kind = FORMAT_BY_SUFFIX.get(path.suffix.lower()) if fmt == "auto" else fmt
-    if kind not in FORMAT_BY_SUFFIX.values():
-        raise DataError(f"{path}: {unknown_format_message(path.suffix)}")
+def _read_file(path: Path, fmt: str, header: bool | None, encoding: str, line_pattern: str) -> Dataset:
+    kind = file_format(path, fmt)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     if kind == "parquet":
         return _read_parquet(path)
-    text = _read_text(path)
+    text = decode_text(path, path.read_bytes(), encoding)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if kind == "lines":
+        return _read_lines(path, text, line_pattern)
     if kind in ("csv", "tsv"):
         return _read_delimited(path, text, "\t" if kind == "tsv" else ",", header)
     return _read_json(path, text, whole_document=kind == "json" and text.lstrip().startswith("["))
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); re-save it as UTF-8"
-        ) from None
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    return text
+def _read_lines(path: Path, text: str, line_pattern: str) -> Dataset:
+    """One example per non-blank line; the named groups of `line_pattern` become typed columns."""
+    pattern = re.compile(line_pattern)
+    columns: dict[str, list[str]] = {name: [] for name in pattern.groupindex}
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        match = pattern.match(line)
+        if match is None:
+            shown = line if len(line) <= 60 else line[:59] + "…"
+            raise DataError(
+                f"{path}: line {number} does not match data.line_pattern {line_pattern!r} ({shown!r}); "
+                "fix the line or the pattern"
+            )
+        for name, values in columns.items():
+            values.append(match.group(name) or "")
+    return Dataset.from_dict({name: _typed(values) for name, values in columns.items()})
 
 
 def _read_parquet(path: Path) -> Dataset:
@@ -399,10 +537,12 @@ def _all_numbers(values: list[str]) -> bool:
 
 
 def _typed(values: list[str]) -> list[Any]:
-    if _all_integers(values):
-        return [int(value) for value in values]
-    if _all_numbers(values):
-        return [float(value) for value in values]
+    """Integers, else decimals, else text; an empty cell among numbers is a missing value (None)."""
+    present = [value for value in values if value.strip()]
+    if present and _all_integers(present):
+        return [int(value) if value.strip() else None for value in values]
+    if present and _all_numbers(present):
+        return [float(value) if value.strip() else None for value in values]
     return values
 
 
@@ -475,14 +615,41 @@ def _unencodable_record(records: list[dict[str, Any]], origins: list[str]) -> st
     return "holds text that is not valid Unicode; re-save it as UTF-8"
 
 
-def _load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset | None]:
-    train = _in_role(
-        "train",
-        lambda: read_table(cfg.train, fmt=cfg.format, header=cfg.header, config_name=cfg.config_name, split="train"),
-    )
-    validation = _read_extra_split("validation", cfg.validation, cfg) if cfg.validation else None
-    test = _read_extra_split("test", cfg.test, cfg) if cfg.test else None
-    if validation is None:
+@dataclass
+class _Loaded:
+    """The raw splits a run uses (each with its file row numbers) and what reading them found."""
+
+    splits: dict[str, Dataset]
+    columns: list[str]
+    fields: dict[str, Any]
+    carved: bool
+    duplicates: dict[str, Any]
+    leaked: dict[str, dict[str, Any]]
+    removed: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _load_splits(cfg: DataConfig, task: str, seed: int) -> _Loaded:
+    """Read, dedupe (`data.dedupe`), carve and subsample the splits; count duplicates and train/eval overlap.
+
+    Rows are compared by their normalised text (`_key`); the keys are computed once per file and looked up by
+    row number afterwards.
+    """
+    train = _numbered(_in_role("train", lambda: read_data(cfg, cfg.train, "train")))
+    given = {
+        role: _numbered(_read_extra_split(role, spec, cfg))
+        for role, spec in (("validation", cfg.validation), ("test", cfg.test))
+        if spec
+    }
+    columns = [column for column in train.column_names if column != _ROW_SOURCE]
+    fields = _fields(cfg, task, columns)
+    _require_columns({"train": train, **given}, fields)
+    texts = {role: _example_texts(split, fields) for role, split in {"train": train, **given}.items()}
+    keys = {role: [_key(text) for text in values] for role, values in texts.items()}
+    duplicates = _duplicates(texts["train"], keys["train"])
+    loaded = _Loaded({}, columns, fields, carved="validation" not in given, duplicates=duplicates, leaked={})
+    if cfg.dedupe:
+        train = _drop_rows(train, _repeated_rows(keys["train"]), DUPLICATE, loaded.removed)
+    if loaded.carved:
         try:
             parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed, shuffle=True)
         except ValueError:
@@ -490,17 +657,109 @@ def _load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset 
                 f"data.train: {len(train)} rows are too few to carve a validation set "
                 f"(validation_fraction {cfg.validation_fraction}); give data.validation"
             ) from None
-        train, validation = parts["train"], parts["test"]
-    return train, validation, test
+        train, given["validation"] = parts["train"], parts["test"]
+        keys["validation"], texts["validation"] = keys["train"], texts["train"]
+    if cfg.dedupe:
+        evaluated = {key for role, split in given.items() for key in _keys_of(split, keys[role])}
+        shared = [row for row in column_values(train, _ROW_SOURCE) if keys["train"][row] in evaluated]
+        train = _drop_rows(train, set(shared), IN_EVALUATION, loaded.removed)
+    train = _take(train, cfg.max_train_samples, seed)
+    splits = {"train": train} | {role: _take(split, cfg.max_eval_samples, seed) for role, split in given.items()}
+    trained = set(_keys_of(train, keys["train"]))
+    for role in ("validation", "test"):
+        if role in splits:
+            rows = sorted(row for row in column_values(splits[role], _ROW_SOURCE) if keys[role][row] in trained)
+            examples = [_preview(texts[role][row]) for row in rows[:3]]
+            loaded.leaked[role] = {"count": len(rows), "rows": [row + 1 for row in rows[:5]], "examples": examples}
+    loaded.splits = {role: splits[role] for role in ("train", "validation", "test") if role in splits}
+    return loaded
+
+
+def column_values(split: Dataset, column: str) -> list[Any]:
+    """A column as a Python list, in one call (iterating a datasets column costs ~0.1 ms a row)."""
+    return split.with_format("arrow")[column].to_pylist()
+
+
+def _numbered(split: Dataset) -> Dataset:
+    return split.add_column(_ROW_SOURCE, np.arange(len(split), dtype=np.int64))
+
+
+def _keys_of(split: Dataset, keys: list[str]) -> list[str]:
+    """The normalised keys of a split's rows (looked up by row number), without the empty ones."""
+    return [keys[row] for row in column_values(split, _ROW_SOURCE) if keys[row]]
+
+
+def _drop_rows(train: Dataset, rows: set[int], reason: str, removed: dict[str, list[int]]) -> Dataset:
+    if not rows:
+        return train
+    numbers = column_values(train, _ROW_SOURCE)
+    removed[reason] = sorted(row + 1 for row in rows)
+    return train.select([index for index, row in enumerate(numbers) if row not in rows])
+
+
+def _example_texts(split: Dataset, fields: dict[str, Any]) -> list[str]:
+    """Each row's example: its text columns (classification) or its prompt and response columns (causal), joined
+    by NUL."""
+    columns = [column for column in _content_columns(fields) if column in split.column_names]
+    values = zip(*(column_values(split, column) for column in columns), strict=True)
+    return ["\0".join("" if value is None else str(value) for value in row) for row in values]
+
+
+def _key(text: str) -> str:
+    """An example compared as people read it: Unicode NFKC, case-folded, runs of whitespace as one space.
+    Empty when the example has no text."""
+    parts = [" ".join(unicodedata.normalize("NFKC", part).casefold().split()) for part in text.split("\0")]
+    return "\0".join(parts) if any(parts) else ""
+
+
+def _content_columns(fields: dict[str, Any]) -> list[str]:
+    names = ("text_field", "instruction_field", "input_field", "output_field", "prompt_field", "response_field")
+    columns: list[str] = []
+    for name in names:
+        value = fields.get(name)
+        columns.extend([value] if isinstance(value, str) else value or [])
+    return columns
+
+
+def _repeated_rows(keys: list[str]) -> set[int]:
+    """The rows whose key already occurred in an earlier row."""
+    seen: set[str] = set()
+    repeated = set()
+    for row, key in enumerate(keys):
+        if key in seen:
+            repeated.add(row)
+        elif key:
+            seen.add(key)
+    return repeated
+
+
+def _duplicates(texts: list[str], keys: list[str]) -> dict[str, Any]:
+    """Repeats of an earlier train row: `exact` (the same text) and `normalised` (the same `_key`), with the
+    first few as `examples` (both row numbers, 1-based, and the text)."""
+    present = [text for text, key in zip(texts, keys, strict=True) if key]
+    first_of: dict[str, int] = {}
+    examples = []
+    for row, key in enumerate(keys):
+        if key in first_of and len(examples) < 3:
+            examples.append({"rows": [first_of[key] + 1, row + 1], "text": _preview(texts[row])})
+        if key:
+            first_of.setdefault(key, row)
+    normalised = len(present) - len(first_of)
+    return {"exact": len(present) - len(set(present)), "normalised": normalised, "examples": examples}
+
+
+def _preview(text: str, width: int = 60) -> str:
+    text = " ".join(text.replace("\0", " | ").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _read_extra_split(role: str, spec: str, cfg: DataConfig) -> Dataset:
     """A validation/test file, or a split name of the hub dataset that `data.train` names."""
     if is_hub_dataset(cfg.train) and "/" not in spec and not looks_like_data_path(spec):
-        return _in_role(role, lambda: read_table(cfg.train, config_name=cfg.config_name, split=spec))
+        return _in_role(role, lambda: read_data(cfg, cfg.train, spec))
     if not Path(spec).expanduser().is_file():
         raise DataError(f"data.{role}: {spec}: no such file")
-    return _in_role(role, lambda: read_table(spec, fmt=cfg.format, header=cfg.header))
+    return _in_role(role, lambda: read_data(cfg, spec))
 
 
 def _in_role(role: str, read: Callable[[], Dataset]) -> Dataset:
@@ -516,59 +775,112 @@ def _take(split: Dataset, count: int | None, seed: int) -> Dataset:
     return split.shuffle(seed=seed).select(range(count))
 
 
-def _require_columns(splits: dict[str, Dataset], fields: dict[str, str]) -> None:
+def _fields(cfg: DataConfig, task: str, columns: list[str]) -> dict[str, Any]:
+    """The columns a task reads (config key -> column name, or names for a list `text_field`); causal data also
+    gets its `layout`: `text` (template none on one text column), `alpaca` or `prompt_response`."""
+    if task == "classification":
+        return {"text_field": cfg.text_field, "label_field": cfg.label_field}
+    if task != "causal":
+        raise ValueError(f"unknown task {task!r}: expected classification or causal")
+    if cfg.response_marker is not None and cfg.template != "none":
+        raise DataError('data.response_marker: marks the response in plain text; it needs data.template = "none"')
+    if cfg.template == "none" and all(column in columns for column in cfg.text_columns):
+        return {"layout": "text", "text_field": cfg.text_field}
+    if cfg.instruction_field in columns and cfg.output_field in columns:
+        fields = {"instruction_field": cfg.instruction_field, "output_field": cfg.output_field}
+        if cfg.input_field in columns:
+            fields["input_field"] = cfg.input_field
+        return {"layout": "alpaca", **fields}
+    if cfg.prompt_field in columns and cfg.response_field in columns:
+        return {"layout": "prompt_response", "prompt_field": cfg.prompt_field, "response_field": cfg.response_field}
+    plain = ' (or data.template = "none" for plain text)' if cfg.text_columns[0] in columns else ""
+    if len(columns) == 1 and not plain:
+        plain = f' (one column: for plain text set data.text_field = "{columns[0]}" and data.template = "none")'
+    raise DataError(
+        f"data.train: causal data needs columns {cfg.instruction_field}+{cfg.output_field} or "
+        f"{cfg.prompt_field}+{cfg.response_field} (columns: {', '.join(columns)}); set data.*_field{plain}"
+    )
+
+
+def _require_columns(splits: dict[str, Dataset], fields: dict[str, Any]) -> None:
     for role, split in splits.items():
-        for key, column in fields.items():
-            if column not in split.column_names:
-                raise DataError(
-                    f"data.{role}: no column {column!r} (columns: {', '.join(split.column_names)}); set data.{key}"
-                )
+        present = [column for column in split.column_names if column != _ROW_SOURCE]
+        for key, value in fields.items():
+            if key in ("layout", "input_field"):
+                continue
+            for column in [value] if isinstance(value, str) else value:
+                if column not in present:
+                    raise DataError(
+                        f"data.{role}: no column {column!r} (columns: {', '.join(present)}); "
+                        f"set data.{key}{_one_column_advice(present, key)}"
+                    )
 
 
-def _label_space(train: Dataset, column: str) -> tuple[list[str] | None, int, dict[Any, int] | None]:
-    """(label names, number of labels, value -> id map for string labels) from the training labels."""
+def _one_column_advice(columns: list[str], key: str) -> str:
+    """What a file of one column probably is, when a task needs more than one."""
+    if len(columns) != 1 or key != "label_field":
+        return ""
+    return (
+        f"; {columns[0]!r} is the only column: a label at the start of each line ('LABEL text') is read with "
+        'data.format = "lines", and plain text without labels trains a causal model with data.template = "none"'
+    )
+
+
+def _label_space(train: Dataset, column: str) -> _LabelSpace:
+    """The classes, from the training labels (rows without a label are left out, not counted as a class)."""
     feature = train.features[column]
     if isinstance(feature, ClassLabel):
-        return list(feature.names), feature.num_classes, None
-    values = train.unique(column)
-    if any(value is None for value in values):
-        raise DataError(f"data.train: column {column!r} has empty labels; fill or drop those rows")
+        return _LabelSpace(list(feature.names), feature.num_classes)
+    values = [value for value in dict.fromkeys(column_values(train, column)) if not _is_missing(value)]
+    if not values:
+        raise DataError(f"data.train: column {column!r} holds no labels; fill it or set data.label_field")
     if len(values) < 2:
         raise DataError(
             f"data.train: column {column!r} holds one class only ({values[0]!r}); classification needs two or more"
         )
     if all(isinstance(value, str) for value in values):
         names = sorted(values)
-        return names, len(names), {name: index for index, name in enumerate(names)}
+        return _LabelSpace(names, len(names), {name: index for index, name in enumerate(names)})
     if all(isinstance(value, int) and not isinstance(value, bool) for value in values):
-        if min(values) < 0:
-            raise DataError(f"data.train: label {min(values)} is negative; use ids 0..K-1 or text labels")
-        return None, max(values) + 1, None
+        ordered = sorted(values)
+        if ordered == list(range(len(ordered))):
+            return _LabelSpace(None, len(ordered))
+        names = [str(value) for value in ordered]
+        shown = ", ".join(names) if len(names) <= 6 else f"{names[0]}, {names[1]}, ..., {names[-1]}"
+        note = (
+            f"integer labels {shown} are not 0..{len(names) - 1}: mapped to ids 0..{len(names) - 1} in sorted "
+            "order, with the values as label names"
+        )
+        return _LabelSpace(names, len(names), {value: index for index, value in enumerate(ordered)}, note)
     raise DataError(
         f"data.train: column {column!r} holds {feature} values; labels must be integers or text (not regression)"
     )
 
 
-def _check_labels(role: str, split: Dataset, column: str, num_labels: int, label_ids: dict[Any, int] | None) -> None:
-    for value in split.unique(column):
-        if label_ids is not None:
-            if value not in label_ids:
-                raise DataError(
-                    f"data.{role}: label {value!r} does not occur in the training data "
-                    f"(labels: {', '.join(map(str, label_ids))})"
-                )
-        elif not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < num_labels:
-            raise DataError(
-                f"data.{role}: label {value!r} is not a class id 0..{num_labels - 1} "
-                "(an unlabelled split? GLUE test splits have label -1)"
-            )
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
-def _tokenise(role: str, split: Dataset, encode: Encoder, max_length: int, warnings: list[str]) -> Dataset:
+def _encoder(
+    cfg: DataConfig,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    fields: dict[str, Any],
+    space: _LabelSpace | None,
+    role: str,
+) -> Encoder:
+    if task == "classification":
+        assert space is not None
+        return _classification_encoder(cfg, tokenizer, max_length, space, role)
+    return _causal_encoder(cfg, tokenizer, max_length, fields["layout"])
+
+
+def _encode_split(role: str, split: Dataset, encode: Encoder) -> Dataset:
     if len(split) == 0:
         raise DataError(f"data.{role}: holds no rows")
     try:
-        tokenised = split.map(
+        return split.map(
             encode,
             batched=True,
             batch_size=MAP_BATCH_SIZE,
@@ -579,18 +891,6 @@ def _tokenise(role: str, split: Dataset, encode: Encoder, max_length: int, warni
         raise DataError(f"data.{role}: {exc}") from None
     except Exception as exc:  # the tokenizer (or a chat template) failed on some row: find and name it
         raise DataError(f"data.{role}: {_failing_example(split, encode, exc)}") from None
-    dropped = len(split) - len(tokenised)
-    if dropped == len(split):
-        raise DataError(
-            f"data.{role}: no example keeps any response tokens within max_length {max_length}; "
-            "raise data.max_length or check the response column"
-        )
-    if dropped:
-        warnings.append(
-            f"data.{role}: dropped {dropped} of {len(split)} examples with no response tokens left "
-            f"(empty response, or the prompt fills max_length {max_length})"
-        )
-    return tokenised
 
 
 def _failing_example(split: Dataset, encode: Encoder, error: Exception) -> str:
@@ -600,71 +900,176 @@ def _failing_example(split: Dataset, encode: Encoder, error: Exception) -> str:
         try:
             encode(row)
         except Exception as exc:
-            preview = {name: values[0] for name, values in row.items()}
+            preview = {name: values[0] for name, values in row.items() if name != _ROW_SOURCE}
             shown = json.dumps(preview, ensure_ascii=True, default=str)
             shown = shown if len(shown) <= 120 else shown[:117] + "..."
             return (
-                f"example {index} cannot be tokenised ({type(exc).__name__}: {_first_line(exc)}): {shown}; "
-                "fix or drop that row"
+                f"row {row[_ROW_SOURCE][0] + 1} cannot be tokenised ({type(exc).__name__}: {_first_line(exc)}): "
+                f"{shown}; fix or drop that row"
             )
     return f"tokenising failed ({type(error).__name__}: {_first_line(error)})"
 
 
-def _text_values(batch: dict[str, list[Any]], column: str, *, optional: bool = False) -> list[str]:
-    values = batch[column]
-    if optional:
-        values = ["" if value is None else value for value in values]
-    for value in values:
-        if not isinstance(value, str):
-            raise DataError(f"column {column!r} has a row that is not text ({value!r}); fill or drop it")
-    return values
+def _encoded(
+    batch: dict[str, list[Any]], ids: list[list[int]], labels: list[Any], lengths: list[int], reasons: list[str]
+) -> dict[str, list[Any]]:
+    """An encoder's output: rows left out keep their row number, length and reason, with no tokens."""
+    ids = [[] if reason else row for row, reason in zip(ids, reasons, strict=True)]
+    return {
+        "input_ids": ids,
+        "attention_mask": [[1] * len(row) for row in ids],
+        "labels": labels,
+        LENGTH: lengths,
+        DROPPED: reasons,
+        ROW: batch[_ROW_SOURCE],
+    }
+
+
+def _texts(batch: dict[str, list[Any]], columns: list[str], separator: str) -> tuple[list[str], list[str]]:
+    """The text of each row (several columns joined by `separator`) and why it cannot train ("" when it can)."""
+    texts, reasons = [], []
+    for values in zip(*(batch[column] for column in columns), strict=True):
+        if any(value is not None and not isinstance(value, str) for value in values):
+            texts.append("")
+            reasons.append(WRONG_TYPE)
+            continue
+        text = separator.join(value for value in values if value)
+        texts.append(text)
+        reasons.append("" if text.strip() else EMPTY_TEXT)
+    return texts, reasons
+
+
+def _truncated_ids(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids cut to `max_length` as the tokenizer truncates (special tokens kept), and the untruncated lengths."""
+    plain = {"verbose": False, "return_attention_mask": False, "return_token_type_ids": False}
+    ids = tokenizer(texts, **plain)["input_ids"]
+    lengths = [len(row) for row in ids]
+    long = [index for index, length in enumerate(lengths) if length > max_length]
+    if long:
+        cut = tokenizer([texts[index] for index in long], truncation=True, max_length=max_length, **plain)["input_ids"]
+        for index, row in zip(long, cut, strict=True):
+            ids[index] = row
+    return ids, lengths
 
 
 def _classification_encoder(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int, label_ids: dict[Any, int] | None
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int, space: _LabelSpace, role: str
 ) -> Encoder:
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        encoded = tokenizer(_text_values(batch, cfg.text_field), truncation=True, max_length=max_length)
-        labels = batch[cfg.label_field]
-        return {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "labels": labels if label_ids is None else [label_ids[label] for label in labels],
-        }
+        texts, reasons = _texts(batch, cfg.text_columns, cfg.text_separator)
+        labels = []
+        for index, value in enumerate(batch[cfg.label_field]):
+            label, problem = space.id_of(value, role)
+            labels.append(label)
+            reasons[index] = reasons[index] or problem
+        ids, lengths = _truncated_ids(
+            tokenizer, [text if not r else "" for text, r in zip(texts, reasons, strict=True)], max_length
+        )
+        lengths = [0 if reason else length for length, reason in zip(lengths, reasons, strict=True)]
+        labels = [IGNORE_INDEX if reason else label for label, reason in zip(labels, reasons, strict=True)]
+        return _encoded(batch, ids, labels, lengths, reasons)
 
     return encode
 
 
-def _causal_layout(cfg: DataConfig, splits: dict[str, Dataset]) -> str:
-    """Which columns carry the examples: `text` (template none), `alpaca` or `prompt_response`."""
-    role, first = next(iter(splits.items()))  # train, or the one file `finetui eval` scores
-    columns = first.column_names
-    if cfg.template == "none" and cfg.text_field in columns:
-        layout, fields = "text", {"text_field": cfg.text_field}
-    elif cfg.instruction_field in columns and cfg.output_field in columns:
-        layout, fields = "alpaca", {"instruction_field": cfg.instruction_field, "output_field": cfg.output_field}
-    elif cfg.prompt_field in columns and cfg.response_field in columns:
-        layout, fields = "prompt_response", {"prompt_field": cfg.prompt_field, "response_field": cfg.response_field}
-    else:
-        plain = ' (or data.template = "none" for plain text)' if cfg.text_field in columns else ""
-        raise DataError(
-            f"data.{role}: causal data needs columns {cfg.instruction_field}+{cfg.output_field} or "
-            f"{cfg.prompt_field}+{cfg.response_field} (columns: {', '.join(columns)}); set data.*_field{plain}"
-        )
-    _require_columns(splits, fields)
-    return layout
+def render_prompt(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> str:
+    """The prompt of one causal example exactly as training renders it: all the text before the response.
+
+    `row` maps column names to values, as a data file's row does; the response column may be missing (a prompt
+    to generate from). The layout follows from the columns as in training: one text column under
+    `template = "none"` (the prompt is the text up to the last `response_marker`, or nothing), instruction/input
+    (Alpaca) or prompt. Training tokenises the prompt without special tokens and puts the tokenizer's leading
+    special tokens (Llama's <s>) before it unless it starts with them (`prompt_token_ids` does both); chat
+    templates write their own.
+    """
+    fields = _fields(cfg, "causal", [*row, *_response_columns(cfg, row)])
+    batch = {column: [value] for column, value in row.items()} | {
+        column: [""] for column in _response_columns(cfg, row) if column not in row
+    }
+    prompts, _, _ = _rendered(cfg, tokenizer, fields["layout"], batch)
+    return prompts[0]
 
 
-def _prompts_and_responses(cfg: DataConfig, layout: str, batch: dict[str, list[Any]]) -> tuple[list[str], list[str]]:
-    """The text before the response and the response, per row, as the template asks."""
+def prompt_token_ids(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> list[int]:
+    """The token ids training puts before the response of this example (`render_prompt`, tokenised)."""
+    prompt = tokenizer(render_prompt(cfg, tokenizer, row), add_special_tokens=False)["input_ids"]
+    return [*_unless_present(_special_prefix(cfg, tokenizer), prompt), *prompt]
+
+
+def _response_columns(cfg: DataConfig, row: dict[str, Any]) -> list[str]:
+    """The response column a prompt-only row lacks (so the layout is found as for the training data)."""
+    if cfg.template == "none" and all(column in row for column in cfg.text_columns):
+        return []
+    return [cfg.output_field] if cfg.instruction_field in row else [cfg.response_field]
+
+
+def _special_prefix(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens that go before an example: the tokenizer's leading ones (Llama's <s>, BERT's [CLS]);
+    none under a chat template, which writes its own."""
+    return [] if cfg.template == "chat" else _leading_special_ids(tokenizer)
+
+
+def _unless_present(prefix: list[int], ids: list[int]) -> list[int]:
+    """`prefix`, or nothing when `ids` start with it already (template none on text carrying <s>)."""
+    return [] if ids[: len(prefix)] == prefix else prefix
+
+
+def _rendered(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: str, batch: dict[str, list[Any]]
+) -> tuple[list[str], list[str], list[str]]:
+    """Each row's prompt and response as the template renders them, and why the row cannot train ("" if it can)."""
     if layout == "text":
-        texts = _text_values(batch, cfg.text_field)
-        return [""] * len(texts), texts
-    if layout == "prompt_response":
-        return _text_values(batch, cfg.prompt_field), _text_values(batch, cfg.response_field)
-    instructions = _text_values(batch, cfg.instruction_field)
-    responses = _text_values(batch, cfg.output_field)
-    inputs = _text_values(batch, cfg.input_field, optional=True) if cfg.input_field in batch else [""] * len(responses)
+        return _marked_texts(cfg, batch)
+    if layout == "alpaca":
+        instructions, reasons = _optional_texts(batch, cfg.instruction_field)
+        inputs, input_reasons = _optional_texts(batch, cfg.input_field)
+        reasons = [a or b for a, b in zip(reasons, input_reasons, strict=True)]
+    else:
+        instructions, reasons = _optional_texts(batch, cfg.prompt_field)
+        inputs = [""] * len(instructions)
+    responses, response_reasons = _optional_texts(batch, cfg.output_field if layout == "alpaca" else cfg.response_field)
+    reasons = [
+        reason or problem or ("" if response.strip() else EMPTY_RESPONSE)
+        for reason, problem, response in zip(reasons, response_reasons, responses, strict=True)
+    ]
+    return (*_templated(cfg, tokenizer, instructions, inputs, responses), reasons)
+
+
+def _optional_texts(batch: dict[str, list[Any]], column: str) -> tuple[list[str], list[str]]:
+    """A column's text ("" for a missing column or value) and WRONG_TYPE for a value that is not text."""
+    values = batch.get(column) or [None] * len(next(iter(batch.values())))
+    reasons = [WRONG_TYPE if value is not None and not isinstance(value, str) else "" for value in values]
+    return [value if isinstance(value, str) else "" for value in values], reasons
+
+
+def _marked_texts(cfg: DataConfig, batch: dict[str, list[Any]]) -> tuple[list[str], list[str], list[str]]:
+    """One text column: all of it is the response, or, with `response_marker`, what follows the last marker."""
+    texts, reasons = _texts(batch, cfg.text_columns, cfg.text_separator)
+    marker = cfg.response_marker
+    if marker is None:
+        return [""] * len(texts), texts, reasons
+    prompts, responses = [], []
+    for index, text in enumerate(texts):
+        found = text.rfind(marker)
+        cut = found + len(marker) if found >= 0 else len(text)
+        prompts.append(text[:cut])
+        responses.append(text[cut:])
+        if not reasons[index]:
+            reasons[index] = NO_MARKER if found < 0 else "" if text[cut:].strip() else EMPTY_RESPONSE
+    return prompts, responses, reasons
+
+
+def _templated(
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: list[str],
+    inputs: list[str],
+    responses: list[str],
+) -> tuple[list[str], list[str]]:
+    """Prompts (and responses) through `data.template`: Alpaca's prompt (a prompt column is its instruction),
+    the tokenizer's chat template, or, for none, the instruction and input followed by `text_separator`."""
     if cfg.template == "alpaca":
         prompts = [
             ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra)
@@ -674,7 +1079,10 @@ def _prompts_and_responses(cfg: DataConfig, layout: str, batch: dict[str, list[A
         ]
         return prompts, responses
     pairs = zip(instructions, inputs, strict=True)
-    return [f"{instruction}\n\n{extra}" if extra.strip() else instruction for instruction, extra in pairs], responses
+    users = [f"{instruction}\n\n{extra}" if extra.strip() else instruction for instruction, extra in pairs]
+    if cfg.template == "chat":
+        return _chat_split(tokenizer, users, responses)
+    return [f"{user}{cfg.text_separator}" if user else "" for user in users], responses
 
 
 def _chat_split(
@@ -692,7 +1100,7 @@ def _chat_split(
     before, after = [], []
     for text, prompt, response in zip(rendered, prompts, responses, strict=True):
         content = response.strip()
-        if not content:  # a prompt to generate from (training drops rows without a response)
+        if not content:
             user = [{"role": "user", "content": prompt}]
             before.append(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
             after.append("")
@@ -708,79 +1116,34 @@ def _chat_split(
     return before, after
 
 
-def render_prompt(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> str:
-    """The text before the response, exactly as training renders it (the encoder renders through the same code).
-
-    `row` maps column names to values, as a data file's row does; the response column may be missing (a prompt
-    to generate from: a chat template then ends with its generation prompt). The layout follows from the row's
-    columns: one text column under `template = "none"` (no prompt), instruction/input (Alpaca) or prompt.
-    Training tokenises this text without special tokens and puts the tokenizer's leading special tokens (Llama's
-    <s>) before it, except under a chat template, which writes its own (`prompt_token_ids`).
-    """
-    layout = _row_layout(cfg, row)
-    response = {"alpaca": cfg.output_field, "prompt_response": cfg.response_field}.get(layout)
-    batch = {column: [value] for column, value in row.items()}
-    if response is not None and response not in batch:
-        batch[response] = [""]
-    prompts, _ = _rendered(cfg, tokenizer, layout, batch)
-    return prompts[0]
-
-
-def prompt_token_ids(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> list[int]:
-    """The token ids training puts before the response of this example (`render_prompt`, tokenised)."""
-    prompt = tokenizer(render_prompt(cfg, tokenizer, row), add_special_tokens=False)["input_ids"]
-    leading = [] if cfg.template == "chat" else _leading_special_ids(tokenizer)
-    return [*leading, *prompt]
-
-
-def _row_layout(cfg: DataConfig, row: dict[str, Any]) -> str:
-    """`_causal_layout` for one row, whose response may be missing."""
-    if cfg.template == "none" and cfg.text_field in row:
-        return "text"
-    if cfg.instruction_field in row:
-        return "alpaca"
-    if cfg.prompt_field in row:
-        return "prompt_response"
-    raise DataError(
-        f"a prompt needs a column {cfg.instruction_field!r} or {cfg.prompt_field!r} (columns: {', '.join(row)}); "
-        "set data.instruction_field or data.prompt_field"
-    )
-
-
-def _rendered(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: str, batch: dict[str, list[Any]]
-) -> tuple[list[str], list[str]]:
-    """Each row's prompt and response as training renders them: the template, then the chat template if used."""
-    prompts, responses = _prompts_and_responses(cfg, layout, batch)
-    if cfg.template == "chat":
-        return _chat_split(tokenizer, prompts, responses)
-    return prompts, responses
-
-
 def _causal_encoder(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_length: int, layout: str) -> Encoder:
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token, which causal training appends to every response")
     chat = cfg.template == "chat"
     if chat and not getattr(tokenizer, "chat_template", None):
         raise DataError('data.template chat: this tokenizer has no chat template; use data.template = "alpaca"')
-    leading = [] if chat else _leading_special_ids(tokenizer)
     eos = tokenizer.eos_token_id
+    prefix = _special_prefix(cfg, tokenizer)
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        prompts, responses = _rendered(cfg, tokenizer, layout, batch)
-        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-        out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
-        for prompt, response in zip(prompt_ids, response_ids, strict=True):
+        prompts, responses, reasons = _rendered(cfg, tokenizer, layout, batch)
+        plain = {"add_special_tokens": False, "return_attention_mask": False, "return_token_type_ids": False}
+        prompt_ids = tokenizer(prompts, **plain)["input_ids"]
+        response_ids = tokenizer(responses, **plain)["input_ids"]
+        ids, labels, lengths = [], [], []
+        for index, (prompt, response) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+            leading = _unless_present(prefix, [*prompt, *response])
             masked = len(leading) + len(prompt)
-            if not response or masked >= max_length:
-                continue
-            target = response if chat and eos in response else [*response, eos]
-            ids = [*leading, *prompt, *target][:max_length]
-            out["input_ids"].append(ids)
-            out["attention_mask"].append([1] * len(ids))
-            out["labels"].append([IGNORE_INDEX] * masked + ids[masked:])
-        return out
+            # no second eos: chat templates end the turn themselves, marked-up text may carry </s>
+            has_eos = eos in response if chat else response[-1:] == [eos]
+            whole = [*leading, *prompt, *response, *([] if has_eos else [eos])]
+            if not reasons[index] and masked >= max_length:
+                reasons[index] = TRUNCATED_AWAY
+            kept = whole[:max_length]
+            ids.append(kept)
+            labels.append([] if reasons[index] else [IGNORE_INDEX] * masked + kept[masked:])
+            lengths.append(0 if reasons[index] and reasons[index] != TRUNCATED_AWAY else len(whole))
+        return _encoded(batch, ids, labels, lengths, reasons)
 
     return encode
 

@@ -47,3 +47,18 @@ def set_training_threads() -> int:
     if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == _THREADS_AT_IMPORT:
         torch.set_num_threads(threads_per_process())
     return torch.get_num_threads()
+
+
+def planned_device(setting: str) -> str:
+    """The device `train.device` will train on, for estimates made on another machine (`finetui inspect`): `cuda`
+    when named, even without a GPU here; `auto` is a GPU when this machine has one."""
+    if setting == "cpu":
+        return "cpu"
+    return "cuda" if setting.startswith("cuda") or torch.cuda.is_available() else "cpu"
+
+
+def planned_precision(precision: str, device: str) -> str:
+    """`train.precision` resolved as a run resolves it; `auto` on a GPU that is not here is assumed to have bf16."""
+    if precision == "auto" and device == "cuda" and not torch.cuda.is_available():
+        return "bf16"
+    return resolve_precision(precision, device)

@@ -70,9 +70,14 @@ class Step(Event):
     eta_s: float | None
     memory_rss_mb: float | None = None
     gpu_memory_mb: float | None = None  # CUDA memory of rank 0's GPU: allocated now, reserved by the allocator,
-    gpu_reserved_mb: float | None = None  # and the peak allocated since training (this session) began
+    gpu_reserved_mb: float | None = None  # and the peak allocated since the model loaded (this session)
     gpu_peak_mb: float | None = None
     cpu_others_percent: float | None = None  # the machine's CPU other processes took since the last event
+    # Measured peaks of this process since just before its model loaded (engine.training.memory), in bytes:
+    memory_peak_bytes: int | None = None  # the figure set beside the estimate: CUDA reserved (largest device), or host
+    host_peak_bytes: int | None = None  # resident memory above the baseline
+    cuda_max_allocated_bytes: list[int] | None = None  # per visible CUDA device
+    cuda_max_reserved_bytes: list[int] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

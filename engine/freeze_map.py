@@ -21,6 +21,14 @@ from engine.models import new_weights
 GroupKind = Literal["embeddings", "block", "head", "other"]
 ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
 FOUR_BIT_BLOCK = 64  # bitsandbytes' 4-bit quantisation block size
+# Activation elements a block keeps per token, as multiples of (hidden, intermediate), by whether its MLP is gated.
+SAVED_PER_TOKEN = {False: (10.5, 2), True: (6.0, 4)}
+# CPU overhead, measured by bench/memory.py (bench/MEMORY.md): glibc keeps and fragments the memory freed by each
+# backward; libraries, thread pools and the Trainer take a fixed amount, and the loader a share of the weights.
+FIRST_TOKEN_BLOCK_SHARE = 0.25
+CPU_ACTIVATION_OVERHEAD = 0.25
+CPU_FRAMEWORK_BYTES = 24 * 2**20
+CPU_WEIGHTS_OVERHEAD = 0.25
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class MemoryEstimate:
     activations_bytes: int
     total_bytes: int
     note: str
+    overhead_bytes: int = 0  # allocator and framework (absent from freeze maps written before it was counted)
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,10 @@ def compute_freeze_map(
     frozen_linear_4bit: str | None = None,
     processes: int = 1,
     sharding: str = "none",
+    precision: str | None = None,
+    device: str | None = None,
+    eval_batch_size: int | None = None,
+    first_token_top: bool = False,
 ) -> FreezeMap:
     """Group a prepared model's parameters (adapters in the group of the module they wrap) and estimate memory.
 
@@ -210,6 +223,10 @@ def compute_freeze_map(
             planned_4bit=planned,
             processes=processes,
             sharding=sharding,
+            precision=precision,
+            device=device,
+            eval_batch_size=eval_batch_size,
+            first_token_top=first_token_top,
         )
     return FreezeMap(
         layers=layers,
@@ -302,18 +319,23 @@ def estimate_memory(
     planned_4bit: set[int] | None = None,
     processes: int = 1,
     sharding: str = "none",
+    precision: str | None = None,
+    device: str | None = None,
+    eval_batch_size: int | None = None,
+    first_token_top: bool = False,
 ) -> MemoryEstimate:
-    """Training memory of one process (one device), in bytes. An estimate: it ignores runtime overhead and
-    fragmentation. `batch_size` is per device.
+    """Peak training memory of one process (one device), in bytes. `batch_size` is per device; `precision`
+    (fp32, bf16) sets the activations' element size (default: the input embeddings' dtype); `device` (cpu, cuda)
+    adds that device's allocator and framework overhead. Checked against measured peaks by `bench/memory.py`.
 
     - weights: every parameter's storage (4-bit tensors: packed bytes + quantisation constants).
     - gradients: one per trainable parameter, in the parameter's dtype.
     - optimizer: AdamW keeps two fp32 moments per trainable parameter (8 bytes each).
-    - activations, with b = batch, s = sequence, h = hidden, a = heads, x = bytes per activation element
-      (the input embeddings' dtype): each block that needs a backward (from the first trainable block on)
-      keeps s*b*h*(34 + 5*a*s/h) * x/2 bytes (Korthikanti et al. 2022, counted for 16-bit activations);
-      with gradient checkpointing the blocks keep only their input (s*b*h*x each) plus one block's full
-      activations during recomputation. A causal LM adds its logits and their gradient, 2*b*s*vocab*4 bytes.
+    - activations: what autograd keeps for the backward (`_activation_bytes`); a top block that computes the first
+      token only above a cached frozen prefix (`first_token_top`, engine.training.frozen_prefix) keeps
+      `FIRST_TOKEN_BLOCK_SHARE` of a block (keys and values of every token; measured); or, when more, one block's
+      activations at `eval_batch_size` (default 2 x batch): the forward of frozen layers, evaluation (`_forward_bytes`).
+    - overhead: on a CPU (`_cpu_overhead`), the allocator's share of the activations, the libraries and the loader.
     - `processes` > 1 (`engine.parallel.sharding`): plain DDP replicates everything and keeps a second copy of
       the gradients in its all-reduce buckets; ZeRO-1 divides the optimizer states by the process count, ZeRO-2 and
       FSDP shard_grad_op the gradients too, ZeRO-3 and FSDP full_shard the weights as well.
@@ -323,51 +345,136 @@ def estimate_memory(
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     gradients = sum(parameter.numel() * parameter.element_size() for parameter in trainable)
     optimizer = ADAMW_STATE_BYTES * sum(parameter.numel() for parameter in trainable)
-
     backward_blocks, all_blocks = _blocks_needing_backward(layers)
     activations = _activation_bytes(
-        unwrap(model), backward_blocks, batch_size, seq_len, gradient_checkpointing, trains=bool(trainable)
+        model, batch_size, seq_len, backward_blocks, bool(trainable), gradient_checkpointing, precision, device
     )
-    parallel = ""
-    if processes > 1:
-        shard = {"none": 0, "optimizer": 1, "gradients": 2, "full": 3}[sharding]
-        optimizer //= processes if shard >= 1 else 1
-        gradients = gradients // processes if shard >= 2 else gradients * (2 if shard == 0 else 1)
-        weights //= processes if shard >= 3 else 1
-        shared = ("DDP buckets: gradients x 2", "optimizer sharded", "gradients, optimizer sharded", "all sharded")
-        parallel = f" per device of {processes} ({shared[shard]})"
+    if first_token_top and backward_blocks and not gradient_checkpointing:
+        activations -= int((1 - FIRST_TOKEN_BLOCK_SHARE) * activations / backward_blocks)
+    activations = max(activations, _forward_bytes(model, eval_batch_size or 2 * batch_size, seq_len, precision))
+    overhead = _cpu_overhead(model, weights, activations, planned, bool(trainable)) if device == "cpu" else 0
+    weights, gradients, optimizer, parallel = _per_device(weights, gradients, optimizer, processes, sharding)
     checkpointing = ", gradient checkpointing" if gradient_checkpointing else ""
     note = (
         f"estimate{parallel} for batch {batch_size} x {seq_len} tokens: weights, gradients, AdamW states (2 x fp32 "
-        f"per trainable parameter), activations of {backward_blocks}/{all_blocks} blocks{checkpointing}; "
-        "excludes framework overhead and fragmentation"
+        f"per trainable parameter), activations of {backward_blocks}/{all_blocks} blocks{checkpointing}"
+        f"{OVERHEAD_NOTE.get(device or '', '; excludes allocator and framework overhead')}"
     )
     return MemoryEstimate(
         weights_bytes=weights,
         gradients_bytes=gradients,
         optimizer_bytes=optimizer,
         activations_bytes=activations,
-        total_bytes=weights + gradients + optimizer + activations,
+        overhead_bytes=overhead,
+        total_bytes=weights + gradients + optimizer + activations + overhead,
         note=note,
     )
 
 
+OVERHEAD_NOTE = {"cpu": "; overhead: CPU allocator and framework", "cuda": "; CUDA allocator overhead not included"}
+
+
+def _per_device(
+    weights: int, gradients: int, optimizer: int, processes: int, sharding: str
+) -> tuple[int, int, int, str]:
+    """Weights, gradients and optimizer states of one of `processes` devices, and how they are shared out."""
+    if processes <= 1:
+        return weights, gradients, optimizer, ""
+    shard = {"none": 0, "optimizer": 1, "gradients": 2, "full": 3}[sharding]
+    optimizer //= processes if shard >= 1 else 1
+    gradients = gradients // processes if shard >= 2 else gradients * (2 if shard == 0 else 1)
+    weights //= processes if shard >= 3 else 1
+    shared = ("DDP buckets: gradients x 2", "optimizer sharded", "gradients, optimizer sharded", "all sharded")
+    return weights, gradients, optimizer, f" per device of {processes} ({shared[shard]})"
+
+
+def _cpu_overhead(model: nn.Module, weights: int, activations: int, planned_4bit: set[int], trains: bool) -> int:
+    """What a CPU process holds beyond the parts, as measured (bench/MEMORY.md): `CPU_ACTIVATION_OVERHEAD` of the
+    activations (glibc keeps the memory each backward frees, fragmented); when it trains (the Trainer, its
+    optimizer and checkpoints; not `feature`), `CPU_FRAMEWORK_BYTES` plus `CPU_WEIGHTS_OVERHEAD` of the weights;
+    and with 4-bit weights the fp32 checkpoint the loader read to quantise them, which stays resident."""
+    parameters = list(model.parameters())
+    quantised = any(id(parameter) in planned_4bit or _quantization(parameter) for parameter in parameters)
+    loaded = 4 * sum(parameter_count(parameter) for parameter in parameters) if quantised else 0
+    training = CPU_FRAMEWORK_BYTES + CPU_WEIGHTS_OVERHEAD * weights if trains else 0
+    return int(CPU_ACTIVATION_OVERHEAD * activations + training + loaded)
+
+
 def _activation_bytes(
-    base: nn.Module, backward_blocks: int, batch_size: int, seq_len: int, gradient_checkpointing: bool, *, trains: bool
+    model: nn.Module,
+    batch_size: int,
+    seq_len: int,
+    backward_blocks: int,
+    trains: bool,
+    gradient_checkpointing: bool,
+    precision: str | None,
+    device: str | None,
 ) -> int:
-    """Activations kept for the backward pass (the formula in `estimate_memory`'s docstring)."""
+    """Bytes autograd keeps for the backward, with t = batch x sequence tokens, h = hidden, i = intermediate
+    (MLP) size, a = heads, x = bytes per activation element (2 under bf16, else 4).
+
+    Each block from the first trainable one on keeps x*t*(c_h*h + c_i*i), with (c_h, c_i) counted with saved-tensor
+    hooks on MiniLM (BERT: 10.5, 2) and SmolLM2 (Llama, gated MLP: 6, 4); attention that materialises its
+    probabilities (eager attention, or SDPA with attention dropout off CUDA) adds 3*x*a*s*t. With gradient
+    checkpointing the blocks keep only their input (x*t*h each) plus one block's full activations while it is
+    recomputed. A trained causal LM adds its fp32 logits, their log-softmax and gradient: 3*t*vocab*4.
+    """
+    base = unwrap(model)
     config = getattr(base, "config", None)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     heads = int(getattr(config, "num_attention_heads", 0) or 1)
-    input_embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    element = input_embeddings.weight.element_size() if input_embeddings is not None else 4
+    intermediate = int(getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None) or 4 * hidden)
+    element = _element_bytes(base, precision)
     tokens = batch_size * seq_len
-    per_block = int(tokens * hidden * (34 + 5 * heads * seq_len / max(hidden, 1)) * element / 2)
+    per_hidden, per_intermediate = SAVED_PER_TOKEN[_gated_mlp(base, intermediate)]
+    per_block = element * tokens * (per_hidden * hidden + per_intermediate * intermediate)
+    if _materialises_attention(config, device):
+        per_block += 3 * element * heads * seq_len * tokens
+    per_block = int(per_block)
     if gradient_checkpointing and backward_blocks:
         activations = backward_blocks * tokens * hidden * element + per_block
     else:
         activations = backward_blocks * per_block
     get_output = getattr(base, "get_output_embeddings", None)
     if callable(get_output) and get_output() is not None and trains:
-        activations += 2 * tokens * int(getattr(config, "vocab_size", 0) or 0) * 4
+        activations += 3 * tokens * int(getattr(config, "vocab_size", 0) or 0) * 4
     return activations
+
+
+def _forward_bytes(model: nn.Module, batch_size: int, seq_len: int, precision: str | None) -> int:
+    """Peak of a forward without autograd (evaluation, the feature strategy, frozen layers computed once): about one
+    block's activations, x*t*(c_h*h + c_i*i) for t = batch x sequence tokens, freed block by block."""
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    intermediate = int(getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None) or 4 * hidden)
+    per_hidden, per_intermediate = SAVED_PER_TOKEN[_gated_mlp(base, intermediate)]
+    element = _element_bytes(base, precision)
+    return int(element * batch_size * seq_len * (per_hidden * hidden + per_intermediate * intermediate))
+
+
+def _element_bytes(base: nn.Module, precision: str | None) -> int:
+    """Bytes per activation element: 2 under bf16, 4 under fp32; without a precision, the input embeddings'."""
+    if precision is not None:
+        return 2 if precision == "bf16" else 4
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    return embeddings.weight.element_size() if embeddings is not None else 4
+
+
+def _gated_mlp(base: nn.Module, intermediate: int) -> bool:
+    """Whether a block's MLP is gated (Llama's gate_proj and up_proj both project to the intermediate size)."""
+    try:
+        _, blocks = find_blocks(base)
+    except ValueError:
+        return False
+    widening = [m for m in blocks[0].modules() if isinstance(m, nn.Linear) and m.out_features == intermediate]
+    return len(widening) >= 2
+
+
+def _materialises_attention(config: Any, device: str | None) -> bool:
+    """Whether attention keeps its (batch x heads x sequence x sequence) probabilities for the backward."""
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0)
+    if implementation == "eager":
+        return True
+    return implementation == "sdpa" and float(dropout or 0) > 0 and device != "cuda"

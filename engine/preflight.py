@@ -7,23 +7,19 @@ where the data or model is actually read; this module only catches what needs no
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
-from engine.config import ConfigError, RunConfig
+from engine.config import ConfigError, DataConfig, RunConfig
 from engine.parallel import check_parallel_config
 from engine.runs import CONFIG_FILE
-from engine.sources import (
-    FORMAT_BY_SUFFIX,
-    check_hub_model,
-    looks_like_data_path,
-    model_source,
-    unknown_format_message,
-)
+from engine.sources import check_hub_model, decode_text, file_format, looks_like_data_path, model_source
 
 
-def check_data_file(role: str, source: str, fmt: str = "auto") -> None:
-    """A local data file must exist, be a file and hold something; hub ids are left to the loader."""
+def check_data_file(role: str, source: str, data: DataConfig) -> None:
+    """A local data file must exist, be a file, hold something, have a known format and decode in
+    `data.encoding`; hub ids are left to the loader."""
     path = Path(source).expanduser()
     if not path.exists():
         if looks_like_data_path(source):
@@ -35,8 +31,11 @@ def check_data_file(role: str, source: str, fmt: str = "auto") -> None:
         raise ConfigError(f"data.{role}: {source}: the file is empty; give a file with rows")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"data.{role}: {source}: not readable (permissions)")
-    if fmt == "auto" and path.suffix.lower() not in FORMAT_BY_SUFFIX:
-        raise ConfigError(f"data.{role}: {source}: {unknown_format_message(path.suffix)}")
+    try:
+        if file_format(path, data.format) != "parquet":
+            decode_text(path, path.read_bytes(), data.encoding)
+    except ConfigError as exc:
+        raise ConfigError(f"data.{role}: {exc}") from None
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -58,20 +57,38 @@ def check_output_dir(output_dir: Path) -> None:
         raise ConfigError(f"train.output_dir: {probe} is not writable; choose another --output-dir")
 
 
-def check_run_config(config: RunConfig, output_dir: Path | None = None) -> None:
-    """Raise a one-line ConfigError for the mistakes visible without loading anything."""
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Every tracker in `train.report_to` has its package installed (the Trainer would fail only once it starts)."""
+    for tracker in report_to:
+        if not any(importlib.util.find_spec(package) for package in TRACKER_PACKAGES[tracker]):
+            raise ConfigError(
+                f"train.report_to: {tracker} is not installed; pip install 'finetui[{tracker}]' (or drop it)"
+            )
+
+
+def check_data_config(config: RunConfig) -> None:
+    """Raise a one-line ConfigError for the data and model mistakes visible without loading anything."""
     data = config.data
     if not data.train:
         raise ConfigError("data.train: no training data; set it in the preset or with --set data.train=FILE")
-    check_data_file("train", data.train, data.format)
+    check_data_file("train", data.train, data)
     train_is_file = Path(data.train).expanduser().is_file()
     for role, source in (("validation", data.validation), ("test", data.test)):
         # With a hub dataset for train, validation/test may name its splits ("test").
         if source and (train_is_file or looks_like_data_path(source) or Path(source).expanduser().exists()):
             if not Path(source).expanduser().exists():
                 raise ConfigError(f"data.{role}: {source}: no such file; check the path")
-            check_data_file(role, source, data.format)
+            check_data_file(role, source, data)
     if model_source(config.model.id).kind == "hub":
         check_hub_model(config.model.id, config.model.revision)
+
+
+def check_run_config(config: RunConfig, output_dir: Path | None = None) -> None:
+    """Raise a one-line ConfigError for the mistakes visible without loading anything."""
+    check_data_config(config)
     check_parallel_config(config)
+    check_trackers(config.train.report_to)
     check_output_dir(Path(output_dir or config.train.output_dir))

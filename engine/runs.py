@@ -7,6 +7,7 @@ Layout of `<output_dir>/<name>-<YYYYmmdd-HHMMSS>/`:
                     into `checkpoints/.staging/` and renamed into place, so every `checkpoint-<step>` is complete
     model/          the final model or adapter, with its tokenizer (written beside, then renamed)
     summary.json    status, metrics and speed (written atomically at the start and the end)
+    environment.json  versions, hardware, data file hashes, seeds (engine.environment), from the first session
     pid             the id of the process training the run, while it runs ("signals" on a second line when
                     SIGINT stops it cleanly, as for the CLI)
     stop            created by `finetui attach` (engine.launch.follow.request_stop) to ask the run to stop
@@ -37,6 +38,7 @@ from engine.parallel import owns_pid_file
 CONFIG_FILE = "config.toml"
 EVENTS_FILE = "events.jsonl"
 SUMMARY_FILE = "summary.json"
+ENVIRONMENT_FILE = "environment.json"
 ERROR_FILE = "error.log"
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"

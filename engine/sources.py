@@ -1,13 +1,14 @@
 """What a model id or a data source names (a builtin, a local folder, a `.gguf` file, a data file, a hub id),
-decided from the string and the file system alone.
+decided from the string and the file system alone, and how a data file's bytes become text.
 
-It imports no torch, so `finetui run` rejects a mistyped path before the heavy libraries load
-(`engine.preflight`), and `engine.models` and `engine.data` classify sources by the very same rules when they
-load them.
+It imports no torch, so `finetui run` rejects a mistyped path, a file of unknown format or one in another text
+encoding before the heavy libraries load (`engine.preflight`), and `engine.models` and `engine.data` classify
+and decode sources by the very same rules when they load them.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import re
 from dataclasses import dataclass
@@ -19,10 +20,17 @@ from engine.config import ConfigError
 BUILTIN_PREFIX = "builtin:"
 FORMAT_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+TREC_LINE_PATTERN = r"^(?P<label>[^:]+):\S+ (?P<text>.+)$"
+_COARSE_FINE_LINE = re.compile(r"[A-Z]+:\S+ \S")
+_PEEK_BYTES = 65536
 
 
 class ModelError(ConfigError):
     """The model could not be found or loaded; the message is one line meant for people."""
+
+
+class DataError(ConfigError):
+    """Training data that cannot be used as given: the message is one line saying what to fix."""
 
 
 @dataclass(frozen=True)
@@ -61,10 +69,6 @@ def looks_like_data_path(source: str) -> bool:
         or source.count("/") > 1
         or Path(source).suffix.lower() in FORMAT_BY_SUFFIX
     )
-
-
-def unknown_format_message(suffix: str) -> str:
-    return f"cannot tell the format from the extension {suffix!r}; set data.format to csv, tsv, json, jsonl or parquet"
 
 
 def is_hub_dataset(source: str) -> bool:
@@ -108,3 +112,70 @@ def check_hub_model(model_id: str, revision: str | None = None) -> None:
         return
     if not isinstance(try_to_load_from_cache(model_id, "config.json", revision=revision), str):
         raise ModelError(offline_hub_message(model_id))
+
+
+def file_format(path: Path, fmt: str) -> str:
+    """The format of a local data file: `fmt`, or with `auto` the one its extension names.
+
+    A file without a data extension (TREC's `.train`, a `.txt`) gets a DataError naming `data.format`; when its
+    first line looks like `COARSE:fine text` or holds tabs, the message gives the setting that reads it.
+    """
+    if fmt != "auto":
+        return fmt
+    kind = FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    if kind is not None:
+        return kind
+    with path.open("rb") as handle:
+        head = handle.read(_PEEK_BYTES).decode("utf-8", errors="replace")
+    first = next((line for line in head.splitlines() if line.strip()), "")
+    if _COARSE_FINE_LINE.match(first):
+        advice = (
+            'its lines look like `COARSE:fine text`: set data.format = "lines" and '
+            f"data.line_pattern = '{TREC_LINE_PATTERN}'"
+        )
+    elif "\t" in first:
+        advice = 'its lines hold tabs: set data.format = "tsv"'
+    else:
+        advice = (
+            'set data.format = "lines" for one example per line (data.line_pattern names the columns; '
+            "the default reads `LABEL text`), or csv, tsv, json, jsonl or parquet"
+        )
+    raise DataError(f"{path}: cannot tell the format from the extension {path.suffix!r}; {advice}")
+
+
+def decode_text(path: Path, raw: bytes, encoding: str) -> str:
+    """A data file's bytes as text in `encoding` (UTF-8 with or without a byte-order mark).
+
+    Bytes that are not valid in it give a DataError naming the encoding they most likely are and
+    `data.encoding`, so the file is read as it is.
+    """
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    try:
+        return raw.decode("utf-8-sig" if utf8 else encoding)
+    except UnicodeDecodeError as exc:
+        likely, shown = likely_encoding(raw), "UTF-8" if utf8 else encoding
+        raise DataError(
+            f"{path}: not {shown} text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            f'it looks like {likely}: set data.encoding = "{likely}"'
+        ) from None
+
+
+def likely_encoding(raw: bytes) -> str:
+    """A best guess at the encoding of text bytes: utf-16 (by its byte-order mark), utf-8, cp1252 or latin-1.
+
+    Windows-1252 and Latin-1 differ only in bytes 0x80-0x9f (printable in cp1252, control codes in Latin-1).
+    """
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    try:
+        raw.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    if any(0x80 <= byte <= 0x9F for byte in raw):
+        try:
+            raw.decode("cp1252")
+            return "cp1252"
+        except UnicodeDecodeError:
+            pass
+    return "latin-1"

@@ -152,8 +152,16 @@ def memory_table(memory: dict[str, Any]) -> Table:
     table = Table(title="Memory (estimate)", title_justify="left", show_edge=False, show_header=False, expand=False)
     table.add_column("part")
     table.add_column("bytes", justify="right")
-    for key in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "total_bytes"):
-        table.add_row(key.removesuffix("_bytes"), format_bytes(memory[key]))
+    for key in (
+        "weights_bytes",
+        "gradients_bytes",
+        "optimizer_bytes",
+        "activations_bytes",
+        "overhead_bytes",
+        "total_bytes",
+    ):
+        if key in memory:  # overhead_bytes: absent from freeze maps of older runs
+            table.add_row(key.removesuffix("_bytes"), format_bytes(memory[key]))
     if memory.get("note"):
         table.caption = memory["note"]
         table.caption_justify = "left"

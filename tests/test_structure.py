@@ -21,6 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine", "engine.config", "engine.events", "engine.fsio", "engine.presets", "engine.sources", "engine.sampling"),
     # run folders, processes of a run, where events go
     ("engine.parallel", "engine.runs", "engine.sinks", "engine.views", "engine.preflight", "engine.library_logs"),
+    ("engine.notify", "engine.run_diff"),
     # models and data
     (
         "engine.architecture",
@@ -31,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "engine.generation",
         "engine.devices",
     ),
-    ("engine.model_card",),
+    ("engine.model_card", "engine.data_report", "engine.environment"),
     ("engine.strategies", "engine.strategies.*"),
     ("engine.training", "engine.training.*"),
     ("engine.inference", "engine.inference.*"),
@@ -39,7 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # the front doors
     ("engine.api", "engine.inspect", "engine.cli"),
     # the app: plain parts, the live run, widgets, screens, the app, the console script
-    ("tui", "tui.form", "tui.heavy", "tui.history", "tui.presets", "tui.messages", "tui.sink"),
+    ("tui", "tui.form", "tui.heavy", "tui.history", "tui.presets", "tui.messages", "tui.sink", "tui.alerts"),
     ("tui.session",),
     ("tui.widgets", "tui.widgets.*"),
     ("tui.screens", "tui.screens.*"),

@@ -25,8 +25,10 @@ from textual.signal import Signal
 from textual.worker import Worker, WorkerState
 
 from engine.config import ConfigError, build_config, field_errors
-from tui.form import relativize_paths
+from tui.alerts import announce_end
+from tui.form import display_path, relativize_paths
 from tui.heavy import load_engine
+from tui.history import RunHistory
 from tui.messages import EngineEvents, RunDetached, RunEnded, SetupChanged
 from tui.presets import default_preset_path, load_preset, preset_files, save_preset
 from tui.screens.base import one_line
@@ -266,12 +268,31 @@ class FinetuiApp(App[None]):
     def _run_over(self) -> None:
         self._set_banner()
         history = self.session.history
-        if history is not None and history.status == "failed" and history.error:
-            self.notify(history.error, title="run failed", severity="error", timeout=10)
-        elif history is not None and history.status in ("finished", "stopped"):
-            self.notify(f"{history.label}: {history.status}", title="run")
+        if history is not None:
+            announce_end(self, history)
+            if history.status == "failed" and history.error:
+                self.notify(history.error, title="run failed", severity="error", timeout=10)
+            elif history.status == "stopped":
+                self.notify(self._stopped_text(history.label, history.checkpoint), title="run stopped", timeout=10)
+            elif history.status == "finished":
+                self.notify(f"{history.label}: finished", title="run")
         if self._quit_after_run:
-            self.exit()
+            self.exit(message=self._resume_line(history))
+
+    @staticmethod
+    def _stopped_text(label: str, checkpoint: str | None) -> str:
+        if checkpoint:
+            return f"{label} stopped with a checkpoint: R on the runs screen (F4) resumes it"
+        return f"{label} stopped before its first checkpoint: R on the runs screen (F4) trains it again from the start"
+
+    @staticmethod
+    def _resume_line(history: RunHistory | None) -> str | None:
+        """What the shell shows once the app stopped its run and quit: the command that continues the run."""
+        if history is None or history.status != "stopped" or not history.run_dir:
+            return None
+        return (
+            f"finetui: {history.label} stopped; continue it with: finetui run --resume {display_path(history.run_dir)}"
+        )
 
     def _set_banner(self) -> None:
         self._banner_dirty = False

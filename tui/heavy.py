@@ -13,8 +13,11 @@ sleep between parallel regions) cost `finetui run quickstart` 23-26 % of its sam
 from __future__ import annotations
 
 import gc
+import importlib
 import threading
 
+ENGINE_MODULES = ("engine.api", "engine.data", "engine.data_report", "engine.inference.loading", "engine.inspect")
+"""The engine modules the workers use: torch, transformers, peft, datasets and sklearn come with them."""
 _lock = threading.Lock()
 _loaded = False
 
@@ -26,7 +29,8 @@ def load_engine() -> None:
     with _lock:
         if _loaded:
             return
-
+        for name in ENGINE_MODULES:
+            importlib.import_module(name)
         # Half a million long-lived objects now: a full garbage collection would scan them all (~0.3 s with the
         # GIL held, a frozen UI). Frozen, they are left out of every collection.
         gc.freeze()

@@ -1,7 +1,7 @@
 """The `finetui` console script.
 
 `finetui` opens the app; `finetui PRESET` opens it with that preset loaded; subcommands (`run`, `inspect`,
-`eval`, `presets`) go to the headless CLI in `engine.cli`. This module is the one place where the app and the
+`data`, `eval`, `presets`) go to the headless CLI in `engine.cli`. This module is the one place where the app and the
 engine meet, so the engine never imports the UI. The app module is imported only when the app opens, so the
 headless commands never load Textual.
 """

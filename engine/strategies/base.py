@@ -42,6 +42,11 @@ class Strategy:
         """The `quantization_config` to load the model with; None loads it unquantised."""
         return None
 
+    def load_dtype(self, precision: str) -> torch.dtype:
+        """The dtype the weights load in: bf16 for the frozen base of an adapter under bf16; fp32 otherwise (weights
+        that train stay fp32, and bf16 precision autocasts the computation)."""
+        return torch.bfloat16 if precision == "bf16" and self.is_peft else torch.float32
+
     def load_model(
         self,
         model: ModelConfig,
@@ -54,13 +59,12 @@ class Strategy:
     ) -> PreTrainedModel:
         """Load the model as this strategy trains it: quantised when `quantization_config` says so, and adapter
         strategies keep a frozen bf16 base when training in bf16."""
-        dtype = torch.bfloat16 if precision == "bf16" and self.is_peft else torch.float32
         return load_model(
             model,
             num_labels=num_labels if self.task == "classification" else None,
             label_names=label_names,
             quantization_config=self.quantization_config(on_cuda=device == "cuda"),
-            dtype=dtype,
+            dtype=self.load_dtype(precision),
             device_map=device_map,
         )
 

@@ -64,8 +64,9 @@ class QloraStrategy(LoraStrategy):
         )
 
     def prepare_meta(self, model: PreTrainedModel) -> nn.Module:
-        """Adapters on the unquantised meta model: peft counts a 4-bit base exactly as the unquantised one."""
-        return super().prepare(model)
+        """Adapters on the unquantised meta model: peft counts a 4-bit base exactly as the unquantised one. The
+        weights that stay unquantised are fp32, as `prepare_model_for_kbit_training` casts them."""
+        return super().prepare(model.float())
 
     def prepare(self, model: PreTrainedModel) -> nn.Module:
         if not getattr(model, "is_loaded_in_4bit", False):

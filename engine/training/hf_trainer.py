@@ -32,7 +32,9 @@ from engine.parallel import any_rank, threads_per_process, world_size
 from engine.runs import CHECKPOINTS_DIR, STAGING_DIR, StopRequest, StopRequested, rotate_checkpoints
 from engine.sinks import EventSink
 from engine.training.faults import NonFiniteLoss
+from engine.training.memory import MemoryMeter
 from engine.training.metrics import classification_metrics, predicted_class, split_metrics
+from engine.training.trackers import point_trackers_at
 
 PROGRESS_INTERVAL_S = 1.0  # a `progress` event between logged steps at most this often
 BUSY_WARNING_INTERVAL_S = 60.0
@@ -87,10 +89,13 @@ class EventBridge(TrainerCallback):
     them a `progress` event after the first step and about once a second keeps progress and ETA moving.
     """
 
-    def __init__(self, sink: EventSink, task: str, stop: StopRequest, samples_per_step: int) -> None:
+    def __init__(
+        self, sink: EventSink, task: str, stop: StopRequest, samples_per_step: int, memory: MemoryMeter | None = None
+    ) -> None:
         self.sink = sink
         self.task = task
         self.stop = stop
+        self.memory = memory
         self.pace = TrainingPace(samples_per_step)
         self.stopped_at: int | None = None
         self.last_validation: tuple[int, dict[str, float]] | None = None  # (step, metrics)
@@ -98,9 +103,7 @@ class EventBridge(TrainerCallback):
         self._busy_warned = -BUSY_WARNING_INTERVAL_S
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        self.pace.start(state)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        self.pace.start(state)  # the CUDA peak counts from just before the model loaded (engine.training.memory)
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         # Every rank of a multi-process run stops at the same step, whichever of them saw the request.
@@ -135,6 +138,7 @@ class EventBridge(TrainerCallback):
             gpu_memory_mb=torch.cuda.memory_allocated() / 2**20 if cuda else None,
             gpu_reserved_mb=torch.cuda.memory_reserved() / 2**20 if cuda else None,
             gpu_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            **(self.memory.peak().step_fields() if self.memory is not None else {}),
             **self.pace.position(state),
         )
         self._emit_position(step)
@@ -205,7 +209,7 @@ def training_arguments(config: RunConfig, output_dir: Path, *, device: str, prec
         save_total_limit=train.save_total_limit or None,
         logging_strategy="steps",
         logging_steps=train.logging_steps,
-        report_to="none",
+        report_to=train.report_to or "none",
         disable_tqdm=True,
         bf16=precision == "bf16",
         use_cpu=device == "cpu",
@@ -356,12 +360,13 @@ def build_trainer(
     *,
     device: str,
     precision: str,
+    memory: MemoryMeter | None = None,
 ) -> tuple[FinetuiTrainer, EventBridge]:
     """The Trainer for a prepared model and data, checkpointing into the run's `checkpoints/`, with its bridge."""
     task = config.model.task
     args = training_arguments(config, stop.run_dir / CHECKPOINTS_DIR, device=device, precision=precision)
     samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-    bridge = EventBridge(sink, task, stop, samples_per_step)
+    bridge = EventBridge(sink, task, stop, samples_per_step, memory)
     classification = task == "classification"
     trainer = FinetuiTrainer(
         model=model,
@@ -375,6 +380,7 @@ def build_trainer(
         data_seed=config.train.seed,
     )
     trainer.remove_callback(PrinterCallback)  # the bridge reports logs as events; stdout stays clean
+    point_trackers_at(trainer, stop.run_dir)
     return trainer, bridge
 
 

@@ -31,7 +31,9 @@ from engine import cache as cache_lib
 from engine import data as data_lib
 from engine import models
 from engine.config import ConfigError, RunConfig
+from engine.data_report import check_data
 from engine.devices import resolve_device, resolve_precision, set_training_threads
+from engine.environment import record_environment
 from engine.events import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -49,6 +51,7 @@ from engine.freeze_map import compute_freeze_map
 from engine.fsio import fsync_tree, replace_dir
 from engine.library_logs import bridged_logs
 from engine.model_card import model_card
+from engine.notify import run_notify_command
 from engine.parallel import barrier, is_main, owns_pid_file, rank, sharding, world_size
 from engine.runs import (
     ERROR_FILE,
@@ -78,6 +81,7 @@ from engine.training.faults import (
 )
 from engine.training.feature import train_feature
 from engine.training.hf_trainer import FinetuiTrainer, build_trainer, final_metrics, training_done
+from engine.training.memory import MemoryMeter, memory_record
 
 ModelWriter = Callable[[Path], None]
 
@@ -128,6 +132,8 @@ class RunSession:
         self.strategy: Strategy | None = None
         self.trainer: FinetuiTrainer | None = None
         self.in_training = False
+        self.memory: MemoryMeter | None = None  # measures from just before the model loads
+        self.estimated_memory: int | None = None
         self._begin(resume, sink, signal_stop)
 
     # phases
@@ -181,10 +187,23 @@ class RunSession:
                 except Exception as exc:
                     return self._failed(exc)
         finally:
-            if self.file_sink is not None:
-                self.file_sink.close()
-                (self.run_dir / STOP_FILE).unlink(missing_ok=True)
-            remove_pid(self.run_dir)
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.main:
+            run_notify_command(self.config.train.notify_command, self.summary, self.events)
+        if self.memory is not None:
+            self.memory.stop()
+        if self.file_sink is not None:
+            self.file_sink.close()
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        remove_pid(self.run_dir)
+
+    def _memory_record(self) -> dict[str, Any]:
+        """summary.json's `memory` (the estimate against the measured peak), once the model began to load."""
+        if self.memory is None:
+            return {}
+        return {"memory": memory_record(self.estimated_memory, self.memory.peak(), self.device)}
 
     def _check_stop(self) -> None:
         # Before training, rank 0 alone decides (it exits and torchrun ends the others); in training all agree.
@@ -219,6 +238,8 @@ class RunSession:
         self.threads = set_training_threads()
         self.device = resolve_device(config.train.device)
         self.precision = resolve_precision(config.train.precision, self.device)
+        if self.main:
+            record_environment(self.run_dir, config, self.events)
         if self.device == "cpu" and self.precision == "bf16":
             self._log("warning", "bf16 on a CPU is often far slower than fp32 (train.precision=auto)")
         if self.device == "cpu" and (config.train.fsdp or config.train.deepspeed):
@@ -240,11 +261,15 @@ class RunSession:
         )
         if prepared.from_cache:
             self._log("info", f"tokenised data from the cache ({cache_lib.TOKENISED}/)")
-        for warning in prepared.warnings:
+        # the gate refuses data that cannot train honestly; a resumed run trained on it already: it warns
+        self.summary["warnings"] = check_data(config.data, prepared.encoded, refuse=self.resumed_from is None)
+        for warning in self.summary["warnings"]:
             self._log("warning", warning)
         self._check_stop()
         num_labels = config.model.num_labels or prepared.num_labels
         self._log("info", f"loading model {config.model.id}")
+        self.memory = MemoryMeter(self.device)
+        self.memory.start()  # the baseline: data and libraries are loaded, the model is not
         self.library_logs.restoring_from = self.checkpoint.name if self.checkpoint is not None else None
         model = strategy.load_model(
             config.model,
@@ -257,11 +282,13 @@ class RunSession:
         model = self.model = strategy.prepare(model)
         if config.data.packing:
             data_lib.check_packing(getattr(model.config, "model_type", ""))
-        self._announce_freeze_map(model, prepared, num_labels)
+        self._announce_freeze_map(model, prepared, num_labels, strategy)
         self._check_stop()
         return _Loaded(strategy, tokenizer, prepared, model)
 
-    def _announce_freeze_map(self, model: torch.nn.Module, prepared: data_lib.PreparedData, num_labels: Any) -> None:
+    def _announce_freeze_map(
+        self, model: torch.nn.Module, prepared: data_lib.PreparedData, num_labels: Any, strategy: Strategy
+    ) -> None:
         config = self.config
         freeze_map = compute_freeze_map(
             model,
@@ -270,7 +297,12 @@ class RunSession:
             gradient_checkpointing=config.train.gradient_checkpointing,
             processes=world_size(),
             sharding=sharding(config),
+            precision=self.precision,
+            device=self.device,
+            eval_batch_size=config.train.eval_batch_size,
+            first_token_top=frozen_prefix.first_token_top_block(model, config, strategy),
         )
+        self.estimated_memory = freeze_map.memory.total_bytes if freeze_map.memory is not None else None
         self.events.emit(FreezeMapReady(freeze_map=freeze_map.to_dict()))
         self.summary.update(
             trainable_params=freeze_map.trainable_params,
@@ -300,7 +332,14 @@ class RunSession:
                 check_stop=self._check_stop,
             )
         trainer, bridge = build_trainer(
-            config, loaded.model, prepared, self.events, self.stop, device=self.device, precision=self.precision
+            config,
+            loaded.model,
+            prepared,
+            self.events,
+            self.stop,
+            device=self.device,
+            precision=self.precision,
+            memory=self.memory,
         )
         self.trainer = trainer
         runtime, samples_per_s = self._fit(trainer)
@@ -354,7 +393,9 @@ class RunSession:
     def _finish(self, metrics: dict[str, dict[str, float]], write_model: ModelWriter) -> RunResult:
         self.summary.update(validation=metrics.get("validation"), test=metrics.get("test"))
         model_dir = self._save_final(write_model)
-        self.summary.update(status="finished", model_dir=str(model_dir), finished_at=time.time())
+        self.summary.update(
+            status="finished", model_dir=str(model_dir), finished_at=time.time(), **self._memory_record()
+        )
         if self.main:
             write_summary(self.run_dir, self.summary)
         self.events.emit(RunFinished(summary=self.summary))
@@ -396,7 +437,7 @@ class RunSession:
             trainer._save_checkpoint(trainer.model, trial=None)
             last = latest_checkpoint(self.run_dir)
         step = trainer.state.global_step if trainer is not None else (checkpoint_step(last) if last else 0) or 0
-        self.summary.update(status="stopped", finished_at=time.time())
+        self.summary.update(status="stopped", finished_at=time.time(), **self._memory_record())
         if trainer is not None:
             self.summary.update(steps=step, epochs=float(trainer.state.epoch or 0.0))
         if self.main:
@@ -411,7 +452,9 @@ class RunSession:
         kept = str(last) if last is not None else None
         reason, message, step = self._fault(exc, kept)
         message = " ".join(message.split())  # one line, whatever the exception text held
-        self.summary.update(status="failed", error=message, reason=reason, finished_at=time.time())
+        self.summary.update(
+            status="failed", error=message, reason=reason, finished_at=time.time(), **self._memory_record()
+        )
         if step is not None:
             self.summary["steps"] = step
         code = EXIT_BAD_INPUT if user_error else EXIT_FAILED

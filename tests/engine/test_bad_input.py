@@ -40,6 +40,8 @@ def _write_files(work: Path) -> dict[str, Path]:
         "one_class": work / "one_class.csv",
         "surrogate": work / "surrogate.jsonl",
         "txt": work / "data.txt",
+        "trec": work / "TREC.train",
+        "leaky_validation": work / "leaky_validation.jsonl",
         "bad_toml": work / "bad.toml",
     }
     files["good"].write_text("".join(json.dumps({"text": f"s {i}", "label": i % 2}) + "\n" for i in range(20)))
@@ -52,6 +54,8 @@ def _write_files(work: Path) -> dict[str, Path]:
         '{"text": "a", "label": 0}\n{"text": "b \\ud800", "label": 1}\n{"text": "c", "label": 0}\n'
     )
     files["txt"].write_text("some text\n")
+    files["trec"].write_text("DESC:manner How did serfdom develop ?\nHUM:ind Who killed Gandhi ?\n")
+    files["leaky_validation"].write_text(json.dumps({"text": "s 3", "label": 1}) + "\n")
     files["bad_toml"].write_text('name = "x"\n[train]\nlr = = 3\n')
     (work / "no_model").mkdir()
     (work / "a_file").write_text("x")
@@ -63,8 +67,6 @@ def _write_files(work: Path) -> dict[str, Path]:
     no_torch.mkdir(parents=True)
     (no_torch / "__init__.py").write_text("raise ImportError('torch was imported before the bad input was found')\n")
     files["no_torch"] = no_torch.parent
-    files["unknown_suffix"] = work / "sentences.test"
-    files["unknown_suffix"].write_text("".join(f"{i % 2} sentence {i}\n" for i in range(20)))
     finished = work / "runs" / "done-20240101-000000"
     finished.mkdir(parents=True)
     (finished / "config.toml").write_text('name = "done"\n')
@@ -85,11 +87,16 @@ def _cases(work: Path) -> dict[str, Case]:
 
     # Mistakes in the command line, the preset or the paths are found before torch is imported: these cases run
     # with a `torch` that fails to import.
-    before_torch = {**_config_cases(files, run), **_path_cases(work, files, run)}
+    before_torch = {
+        **_config_cases(files, run),
+        **_path_cases(work, files, run),
+        **_model_and_folder_cases(work, files, run),
+    }
     no_torch = {"PYTHONPATH": str(files["no_torch"])}
     return {
         **{name: replace(case, env={**case.env, **no_torch}) for name, case in before_torch.items()},
         **_loading_cases(files, run),
+        **_model_loading_cases(files, run),
     }
 
 
@@ -128,7 +135,7 @@ def _config_cases(f: dict[str, Path], run: Any) -> dict[str, Case]:
 
 
 def _path_cases(work: Path, f: dict[str, Path], run: Any) -> dict[str, Case]:
-    """Found before anything is loaded, in the paths, or when the model's config is read: no run directory."""
+    """Found before anything is loaded, in the data files: no run directory."""
     tiny = TINY
     return {
         "missing_data_file": Case(
@@ -141,9 +148,22 @@ def _path_cases(work: Path, f: dict[str, Path], run: Any) -> dict[str, Case]:
         "data_is_a_directory": Case(run("data_is_a_directory", *tiny, train=work), "is a directory; give a data file"),
         "empty_file": Case(run("empty_file", *tiny, train=f["empty"]), "empty.jsonl: the file is empty"),
         "unknown_file_format": Case(
-            run("unknown_file_format", *tiny, train=f["unknown_suffix"]),
-            "cannot tell the format from the extension '.test'; set data.format",
+            run("unknown_file_format", *tiny, train=f["trec"]),
+            "cannot tell the format from the extension '.train'; its lines look like `COARSE:fine text`: "
+            'set data.format = "lines"',
         ),
+        "non_utf8_text": Case(
+            run("non_utf8_text", *tiny, train=f["latin1"]),
+            'not UTF-8 text (byte 0xe9 at offset 14); it looks like latin-1: set data.encoding = "latin-1"',
+        ),
+    }
+
+
+def _model_and_folder_cases(work: Path, f: dict[str, Path], run: Any) -> dict[str, Case]:
+    """Found before anything is loaded, in the model id and the folders, or when the model's config is read: no
+    run directory."""
+    tiny = TINY
+    return {
         "model_dir_without_model": Case(
             run("model_dir_without_model", "--model", str(work / "no_model"), train=f["good"]),
             "holds no model (no config.json)",
@@ -188,7 +208,7 @@ def _path_cases(work: Path, f: dict[str, Path], run: Any) -> dict[str, Case]:
 
 
 def _loading_cases(f: dict[str, Path], run: Any) -> dict[str, Case]:
-    """Found when the data or the model is read: a run directory marked failed."""
+    """Found when the data is read: a run directory marked failed."""
     tiny = TINY
     return {
         "wrong_columns": Case(
@@ -199,17 +219,29 @@ def _loading_cases(f: dict[str, Path], run: Any) -> dict[str, Case]:
         "malformed_jsonl_line": Case(
             run("malformed_jsonl_line", *tiny, train=f["malformed"]), "malformed.jsonl: line 3 is not valid JSON", True
         ),
-        "non_utf8_text": Case(
-            run("non_utf8_text", *tiny, train=f["latin1"]),
-            "not UTF-8 text (byte 0xe9 at offset 14); re-save it as UTF-8",
-            True,
-        ),
         "invalid_unicode_escape": Case(
             run("invalid_unicode_escape", *tiny, train=f["surrogate"]), "line 2 holds an invalid Unicode escape", True
         ),
         "labels_of_one_class": Case(
             run("labels_of_one_class", *tiny, train=f["one_class"]), "holds one class only", True
         ),
+        "validation_rows_in_train": Case(
+            run(
+                "validation_rows_in_train",
+                *tiny,
+                "--set",
+                f"data.validation={json.dumps(str(f['leaky_validation']))}",
+                train=f["good"],
+            ),
+            "data.validation: 1 of 1 rows (100.0%) also occur in train (row 1); set data.dedupe = true",
+            True,
+        ),
+    }
+
+
+def _model_loading_cases(f: dict[str, Path], run: Any) -> dict[str, Case]:
+    """Found when the model is loaded and prepared: a run directory marked failed."""
+    return {
         "layers_more_than_blocks": Case(
             run(
                 "layers_more_than_blocks",
@@ -275,12 +307,12 @@ def outcomes(
 CASE_NAMES = [
     "preset_not_found", "toml_syntax_error", "unknown_strategy", "unknown_field", "unknown_section", "malformed_set",
     "r_out_of_range", "lr_out_of_range", "max_length_out_of_range", "fp16_refused", "no_training_data",
-    "missing_data_file", "missing_validation_file", "data_is_a_directory", "empty_file", "unknown_file_format",
-    "model_dir_without_model",
+    "missing_data_file", "missing_validation_file", "data_is_a_directory", "empty_file", "model_dir_without_model",
     "model_path_missing", "model_file_not_gguf", "unwritable_output_dir", "output_dir_is_a_run",
+    "unknown_file_format",
     "resume_finished_run", "resume_not_a_run", "resume_with_overrides", "attach_not_a_run",
     "hub_model_not_found_offline", "wrong_columns", "malformed_jsonl_line", "non_utf8_text",
-    "invalid_unicode_escape", "labels_of_one_class",
+    "invalid_unicode_escape", "labels_of_one_class", "validation_rows_in_train",
     "layers_more_than_blocks", "target_modules_not_in_model", "qlora_without_bitsandbytes",
 ]  # fmt: skip
 

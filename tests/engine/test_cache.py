@@ -13,6 +13,7 @@ from engine import cache as cache_lib
 from engine.api import run_training
 from engine.config import DataConfig, ModelConfig, build_config
 from engine.data import prepare_data
+from engine.data_report import check_data
 from engine.events import Log
 from engine.models import load_tokenizer, resolve_model
 from engine.sinks import ListSink
@@ -65,16 +66,21 @@ def test_tokenised_data_is_reused_for_the_same_inputs_only(tmp_path: Path, priva
     assert len(list((private_cache / cache_lib.TOKENISED).iterdir())) == 4
 
 
-def test_cached_causal_data_keeps_its_warnings(tmp_path: Path, private_cache: Path) -> None:
+def test_cached_causal_data_keeps_its_findings(tmp_path: Path, private_cache: Path) -> None:
     tokenizer = load_tokenizer(ModelConfig(id="builtin:tiny-llama"))
     rows = ['{"prompt": "%s", "response": "ok"}' % ("x" * length) for length in (3, 5, 40, 50)]
     train = tmp_path / "causal.jsonl"
     train.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    config = DataConfig(train=str(train), validation=str(train), max_length=20)
+    config = DataConfig(train=str(train), validation=str(train), max_length=20, template="none", max_leak=1.0)
     first = prepare_data(config, task="causal", tokenizer=tokenizer, seed=0, cache=True)
     again = prepare_data(config, task="causal", tokenizer=tokenizer, seed=0, cache=True)
     assert again.from_cache and len(again.train) == len(first.train) == 2
-    assert again.warnings == first.warnings and len(first.warnings) == 2
+    warnings = check_data(config, first.encoded)
+    assert check_data(config, again.encoded) == warnings
+    assert warnings[:2] == [
+        "data.train: 2 of 4 rows left out: 2 response truncated away (rows 3, 4)",
+        "data.validation: 2 of 4 rows left out: 2 response truncated away (rows 3, 4)",
+    ]
     assert again.train["labels"] == first.train["labels"]
 
 

@@ -115,12 +115,15 @@ def test_run_json_streams_events_then_eval_rescores(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_minilm_on_rotten_tomatoes_beats_chance_on_unseen_data(tmp_path: Path, shared_data: Path) -> None:
-    """The real pretrained encoder, LoRA on 2,000 Rotten Tomatoes reviews, scored on the official validation file."""
+    """The real pretrained encoder, LoRA on 2,000 Rotten Tomatoes reviews, scored on the official validation file.
+    Its pretrained pooler stays frozen as in peft, so the adapters go on every linear layer (on query and value
+    alone it reached 0.62)."""
     rotten = shared_data / "rotten_tomatoes"
     result = finetui(
         "run", "--model", "builtin:minilm-l6", "--strategy", "lora", "--set", f"data.train={rotten / 'train.jsonl'}",
         "--set", "data.max_train_samples=2000", "--set", "data.max_eval_samples=300", "--set", "data.max_length=64",
-        "--set", "train.lr=1e-3", "--set", "train.batch_size=32", "--output-dir", str(tmp_path), "--json",
+        "--set", "strategy.target_modules=all-linear", "--set", "train.lr=1e-3", "--set", "train.batch_size=32",
+        "--output-dir", str(tmp_path), "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.splitlines()[-1])["summary"]

@@ -23,10 +23,12 @@ from engine.data import (
     DataError,
     PreparedData,
     prepare_data,
+    prepare_eval_split,
     prompt_token_ids,
     read_table,
     render_prompt,
 )
+from engine.data_report import check_data
 from tests.conftest import SHARED, needs_shared
 
 SHARED_DATA = SHARED / "data"
@@ -233,12 +235,25 @@ def test_broken_json_list_and_mixed_types(tmp_path: Path) -> None:
     assert_one_line(mixed, "mixes value types")
 
 
-def test_non_utf8_file(tmp_path: Path) -> None:
+def test_non_utf8_file_names_its_likely_encoding_and_reads_with_it(tmp_path: Path) -> None:
     path = tmp_path / "latin1.csv"
-    path.write_bytes("text,label\ncafé,1\n".encode("latin-1"))
+    path.write_bytes("text,label\ncafé,1\nnaïve,0\n".encode("latin-1"))
     with pytest.raises(DataError) as error:
         read_table(str(path))
-    assert_one_line(error, "not UTF-8 text (byte 0xe9 at offset 14)", "re-save it as UTF-8")
+    assert_one_line(
+        error, "not UTF-8 text (byte 0xe9 at offset 14); it looks like latin-1", 'data.encoding = "latin-1"'
+    )
+    assert "re-save" not in str(error.value)
+    assert rows_of(read_table(str(path), encoding="latin-1")) == [
+        {"text": "café", "label": 1},
+        {"text": "naïve", "label": 0},
+    ]
+    windows = tmp_path / "cp1252.csv"
+    windows.write_bytes("text,label\n\u201cquoted\u201d,1\n".encode("cp1252"))
+    with pytest.raises(DataError) as curly:
+        read_table(str(windows))
+    assert_one_line(curly, 'it looks like cp1252: set data.encoding = "cp1252"')
+    assert read_table(str(windows), encoding="cp1252")["text"][0] == "\u201cquoted\u201d"
 
 
 def test_ragged_csv_and_unknown_extension(tmp_path: Path) -> None:
@@ -247,7 +262,10 @@ def test_ragged_csv_and_unknown_extension(tmp_path: Path) -> None:
     assert_one_line(ragged, "line 3 has 3 fields, line 1 has 2")
     with pytest.raises(DataError) as unknown:
         read_table(write(tmp_path / "d.txt", "a\t1\n"))
-    assert_one_line(unknown, "set data.format")
+    assert_one_line(unknown, "cannot tell the format from the extension '.txt'", 'data.format = "tsv"')
+    with pytest.raises(DataError) as plain:
+        read_table(write(tmp_path / "d.test", "positive a fine film\n"))
+    assert_one_line(plain, 'set data.format = "lines" for one example per line')
     assert issubclass(DataError, ConfigError)
 
 
@@ -290,12 +308,36 @@ def test_classification_string_labels_columns_and_dynamic_padding(tmp_path: Path
     assert batch["attention_mask"].sum(dim=1).tolist() == [len(prepared.validation[i]["input_ids"]) for i in (0, 1)]
 
 
-def test_integer_labels_kept_num_labels_is_max_plus_one(tmp_path: Path, minilm: Any) -> None:
-    rows = [{"text": f"t {index}", "label": [1, 3][index % 2]} for index in range(20)]
-    cfg = DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows))
+def test_integer_labels_0_to_k_minus_1_are_the_ids(tmp_path: Path, minilm: Any) -> None:
+    rows = [{"text": f"t {index}", "label": index % 3} for index in range(30)]
+    prepared = prepare_data(DataConfig(train=write_jsonl(tmp_path / "t.jsonl", rows)), task="classification",
+                            tokenizer=minilm, seed=0)  # fmt: skip
+    assert (prepared.label_names, prepared.num_labels, prepared.encoded.notes) == (None, 3, [])
+    assert set(prepared.train["labels"]) == {0, 1, 2}
+
+
+def test_headerless_csv_with_classes_1_to_k_has_k_classes(tmp_path: Path, minilm: Any) -> None:
+    """AG News' csv: no header, classes numbered 1..4, title and description in two columns."""
+    lines = [f'{1 + index % 4},"title {index}","description {index}"' for index in range(40)]
+    cfg = DataConfig(
+        train=write(tmp_path / "train.csv", "\n".join(lines) + "\n"),
+        text_field=["column_1", "column_2"],
+        label_field="column_0",
+    )
     prepared = prepare_data(cfg, task="classification", tokenizer=minilm, seed=0)
-    assert (prepared.label_names, prepared.num_labels) == (None, 4)
-    assert set(prepared.train["labels"]) | set(prepared.validation["labels"]) == {1, 3}
+    assert (prepared.label_names, prepared.num_labels) == (["1", "2", "3", "4"], 4)
+    assert sorted(set(prepared.train["labels"]) | set(prepared.validation["labels"])) == [0, 1, 2, 3]
+    assert prepared.encoded.notes == [
+        {
+            "field": "data.label_field",
+            "message": "integer labels 1, 2, 3, 4 are not 0..3: mapped to ids 0..3 in sorted order, "
+            "with the values as label names",
+        }
+    ]
+    row = prepared.encoded.splits["train"][0]
+    original = row["row"]
+    assert minilm.decode(row["input_ids"], skip_special_tokens=True) == f"title {original} description {original}"
+    assert row["labels"] == original % 4
 
 
 def test_carved_validation_is_seeded_and_disjoint(tmp_path: Path, minilm: Any) -> None:
@@ -345,24 +387,44 @@ def test_one_class_is_refused(tmp_path: Path, minilm: Any) -> None:
     assert_one_line(error, "holds one class only ('pos')")
 
 
-def test_validation_labels_must_be_known(tmp_path: Path, minilm: Any) -> None:
+def test_validation_labels_unseen_in_training_are_left_out(tmp_path: Path, minilm: Any) -> None:
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
-    unseen = write_jsonl(tmp_path / "v.jsonl", [{"text": "c", "label": "meh"}])
-    with pytest.raises(DataError) as error:
-        prepare_data(DataConfig(train=train, validation=unseen), task="classification", tokenizer=minilm, seed=0)
-    assert_one_line(error, "data.validation: label 'meh' does not occur in the training data (labels: neg, pos)")
+    valid = write_jsonl(tmp_path / "v.jsonl", [{"text": "c", "label": "meh"}, {"text": "d", "label": "pos"}])
+    cfg = DataConfig(train=train, validation=valid)
+    prepared = prepare_data(cfg, task="classification", tokenizer=minilm, seed=0)
+    assert prepared.validation["labels"][:] == [1]
+    assert list(prepared.encoded.splits["validation"]["dropped"]) == ["label unseen in training", ""]
+    assert check_data(cfg, prepared.encoded) == [
+        "data.validation: 1 of 2 rows left out: 1 label unseen in training (row 1)"
+    ]
     ints = write_jsonl(tmp_path / "i.jsonl", sentiment_rows(4))
-    unlabelled = write_jsonl(tmp_path / "u.jsonl", [{"text": "c", "label": -1}])
+    unlabelled = write_jsonl(tmp_path / "u.jsonl", [{"text": "c", "label": -1}, {"text": "e", "label": -1}])
+    glue = DataConfig(train=ints, validation=ints, test=unlabelled)
     with pytest.raises(DataError) as glue_test:
-        prepare_data(DataConfig(train=ints, test=unlabelled), task="classification", tokenizer=minilm, seed=0)
-    assert_one_line(glue_test, "data.test: label -1 is not a class id 0..1")
+        check_data(glue, prepare_data(glue, task="classification", tokenizer=minilm, seed=0).encoded)
+    assert_one_line(
+        glue_test,
+        "data.test: no rows remain of 2: 2 label unseen in training (rows 1, 2)",
+        "GLUE test splits have label -1",
+    )
 
 
-def test_null_text_and_missing_validation_file(tmp_path: Path, minilm: Any) -> None:
-    train = write_jsonl(tmp_path / "t.jsonl", [*sentiment_rows(9), {"text": None, "label": 1}])
-    with pytest.raises(DataError) as null_text:
-        prepare_data(DataConfig(train=train, validation=train), task="classification", tokenizer=minilm, seed=0)
-    assert_one_line(null_text, "data.train: column 'text' has a row that is not text (None)")
+def test_rows_without_text_or_label_are_left_out_with_their_reasons(tmp_path: Path, minilm: Any) -> None:
+    rows = [*sentiment_rows(6), {"text": None, "label": 1}, {"text": "  ", "label": 0}, {"text": "x", "label": None},
+            {"text": "y", "label": 1}]  # fmt: skip
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = DataConfig(train=train, validation=train, dedupe=False, max_leak=1.0)
+    prepared = prepare_data(cfg, task="classification", tokenizer=minilm, seed=0)
+    assert prepared.train.num_rows == 7
+    assert list(prepared.encoded.splits["train"]["dropped"]) == [""] * 6 + [
+        "empty text",
+        "empty text",
+        "missing label",
+        "",
+    ]
+    assert check_data(cfg, prepared.encoded)[0] == (
+        "data.train: 3 of 10 rows left out: 2 empty text (rows 7, 8); 1 missing label (row 9)"
+    )
     cfg = DataConfig(train=train, validation=str(tmp_path / "valid.jsonl"))
     with pytest.raises(DataError) as missing:
         prepare_data(cfg, task="classification", tokenizer=minilm, seed=0)
@@ -375,7 +437,7 @@ def test_real_rotten_tomatoes_prepares_8530_and_1066(minilm: Any) -> None:
     cfg = DataConfig(train=str(folder / "train.jsonl"), validation=str(folder / "validation.jsonl"), max_length=128)
     prepared = prepare_data(cfg, task="classification", tokenizer=minilm, seed=42)
     assert (prepared.train.num_rows, prepared.validation.num_rows) == (8530, 1066)
-    assert (prepared.num_labels, prepared.label_names, prepared.warnings) == (2, None, [])
+    assert (prepared.num_labels, prepared.label_names, check_data(cfg, prepared.encoded)) == (2, None, [])
     lengths = np.array([len(ids) for ids in prepared.train["input_ids"]])
     assert 20 < lengths.mean() < 40
     assert lengths.max() < 128
@@ -450,39 +512,6 @@ def test_chat_template_masks_up_to_assistant_content(tmp_path: Path, byte_tokeni
     row = prepared.validation[0]
     assert byte_tokenizer.decode(row["input_ids"]) == "<s>user\nCapital of France?</s>\n<s>assistant\nParis</s>\n"
     assert response_text(byte_tokenizer, row) == "Paris</s>\n"
-    assert prepared.warnings == []
-
-
-@pytest.mark.parametrize(
-    ("settings", "rows"),
-    [
-        ({}, [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
-              {"instruction": "Add.", "input": "2 3", "output": "5"}]),
-        ({"template": "chat"}, [{"instruction": "Capital of France?", "input": "", "output": "Paris"}]),
-        ({"template": "none"}, [{"prompt": "Q: hi\nA: ", "response": "hello"},
-                                {"prompt": "Q: ok\nA: ", "response": "k"}]),
-        ({"template": "none"}, [{"text": "all of it is learned"}]),
-    ],
-)  # fmt: skip
-def test_render_prompt_tokens_are_the_masked_prompt_of_training(
-    tmp_path: Path, byte_tokenizer: Any, settings: dict[str, Any], rows: list[dict[str, Any]]
-) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", rows)
-    cfg = DataConfig(train=path, validation=path, **settings)
-    encoded = prepare_data(cfg, task="causal", tokenizer=byte_tokenizer, seed=0).validation
-    for row, example in zip(rows, encoded, strict=True):
-        masked = example["labels"].count(-100)
-        assert prompt_token_ids(cfg, byte_tokenizer, row) == example["input_ids"][:masked]
-        without_response = {key: value for key, value in row.items() if key not in ("output", "response", "text")}
-        if without_response:  # a prompt to generate from (a chat template ends with its generation prompt)
-            assert render_prompt(cfg, byte_tokenizer, without_response) == render_prompt(cfg, byte_tokenizer, row)
-    assert byte_tokenizer.decode(prompt_token_ids(cfg, byte_tokenizer, rows[0])).startswith("<s>")
-
-
-def test_render_prompt_without_a_prompt_column_is_one_line(byte_tokenizer: Any) -> None:
-    with pytest.raises(DataError) as error:
-        render_prompt(DataConfig(train="x.jsonl"), byte_tokenizer, {"question": "why?"})
-    assert_one_line(error, "a prompt needs a column 'instruction' or 'prompt'", "question")
 
 
 def test_chat_without_template_is_refused(tmp_path: Path, minilm_causal: Any) -> None:
@@ -502,18 +531,18 @@ def test_truncation_drops_examples_without_response_and_warns(tmp_path: Path, by
         {"prompt": "x", "response": "y"},
     ]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
-    cfg = DataConfig(train=path, validation=path, template="none", max_length=16)
+    cfg = DataConfig(train=path, validation=path, template="none", max_length=16, max_leak=1.0)
     prepared = prepare_data(cfg, task="causal", tokenizer=byte_tokenizer, seed=0)
     kept = prepared.validation
     assert kept.num_rows == 2
-    assert [len(ids) for ids in kept["input_ids"]] == [16, 4]
-    assert response_text(byte_tokenizer, kept[0]) == "r" * 13
+    assert [len(ids) for ids in kept["input_ids"]] == [16, 5]
+    assert response_text(byte_tokenizer, kept[0]) == "r" * 12
+    assert byte_tokenizer.decode(kept[1]["input_ids"]) == "<s>x\ny</s>"  # text_separator between prompt and response
     assert response_text(byte_tokenizer, kept[1]) == "y</s>"
-    assert prepared.warnings == [
-        "data.train: dropped 2 of 4 examples with no response tokens left "
-        "(empty response, or the prompt fills max_length 16)",
-        "data.validation: dropped 2 of 4 examples with no response tokens left "
-        "(empty response, or the prompt fills max_length 16)",
+    warnings = check_data(cfg, prepared.encoded)
+    assert warnings[:2] == [
+        "data.train: 2 of 4 rows left out: 1 response truncated away (row 1); 1 empty response (row 3)",
+        "data.validation: 2 of 4 rows left out: 1 response truncated away (row 1); 1 empty response (row 3)",
     ]
 
 
@@ -538,9 +567,141 @@ def test_real_alpaca_file_drops_exactly_the_overlong_prompts(byte_tokenizer: Any
     prepared = prepare_data(
         DataConfig(train=str(source), max_length=512), task="causal", tokenizer=byte_tokenizer, seed=0
     )
-    dropped = [int(note.split()[2]) for note in prepared.warnings]
-    assert 0 < sum(dropped) == overlong
+    reasons = [reason for split in prepared.encoded.splits.values() for reason in split["dropped"] if reason]
+    assert 0 < len(reasons) == overlong
     assert prepared.train.num_rows + prepared.validation.num_rows + overlong == 5000
     assert max(len(ids) for ids in prepared.train["input_ids"]) == 512
     first = prepared.train[0]
     assert byte_tokenizer.decode(first["input_ids"]).startswith("<s>Below is an instruction that describes a task")
+
+
+# formats and layouts people bring
+
+
+def test_lines_format_reads_trec_and_label_text_lines(tmp_path: Path) -> None:
+    trec = write(
+        tmp_path / "TREC.train",
+        "DESC:manner How did serfdom develop in and then leave Russia ?\nENTY:cremat What films featured Popeye ?\n"
+        "\nHUM:ind Who killed Gandhi ?\n",
+    )
+    pattern = r"^(?P<label>[^:]+):\S+ (?P<text>.+)$"
+    with pytest.raises(DataError) as unknown:
+        read_table(trec)
+    assert_one_line(
+        unknown,
+        "cannot tell the format from the extension '.train'; its lines look like `COARSE:fine text`",
+        f"data.format = \"lines\" and data.line_pattern = '{pattern}'",
+    )
+    assert rows_of(read_table(trec, fmt="lines", line_pattern=pattern)) == [
+        {"label": "DESC", "text": "How did serfdom develop in and then leave Russia ?"},
+        {"label": "ENTY", "text": "What films featured Popeye ?"},
+        {"label": "HUM", "text": "Who killed Gandhi ?"},
+    ]
+    sst = write(tmp_path / "stsa.binary.test", "1 a gorgeous film\r\n0 dull , dull , dull\r\n")
+    assert rows_of(read_table(sst, fmt="lines")) == [
+        {"label": 1, "text": "a gorgeous film"},
+        {"label": 0, "text": "dull , dull , dull"},
+    ]
+    broken = write(tmp_path / "b.txt", "1 fine\nnolabel\n")
+    with pytest.raises(DataError) as mismatch:
+        read_table(broken, fmt="lines")
+    assert_one_line(mismatch, "line 2 does not match data.line_pattern", "'nolabel'")
+
+
+def test_real_trec_file_reads_as_lines_in_latin_1() -> None:
+    source = str(SHARED_DATA / "trec" / "TREC.train")
+    cfg = DataConfig(train=source, format="lines", line_pattern=r"^(?P<label>[^:]+):\S+ (?P<text>.+)$")
+    with pytest.raises(DataError) as error:
+        read_table(source, fmt="lines", line_pattern=cfg.line_pattern)
+    assert_one_line(error, "not UTF-8 text (byte 0xf0 at offset 3695)", 'set data.encoding = "latin-1"')
+    table = read_table(source, fmt="lines", line_pattern=cfg.line_pattern, encoding="latin-1")
+    assert table.num_rows == 5452
+    assert sorted(table.unique("label")) == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+
+
+def test_one_column_file_gets_advice(tmp_path: Path, minilm: Any) -> None:
+    source = write(tmp_path / "one.csv", "a good film\na bad film\nfine\n")
+    with pytest.raises(DataError) as error:
+        prepare_data(DataConfig(train=source, text_field="column_0"), task="classification", tokenizer=minilm, seed=0)
+    assert_one_line(
+        error,
+        "no column 'label' (columns: column_0); set data.label_field; 'column_0' is the only column",
+        'data.format = "lines"',
+        'data.template = "none"',
+    )
+    with pytest.raises(DataError) as causal:
+        prepare_data(DataConfig(train=source), task="causal", tokenizer=minilm, seed=0)
+    assert_one_line(causal, 'for plain text set data.text_field = "column_0" and data.template = "none"')
+
+
+def test_prompt_response_renders_through_each_template(tmp_path: Path, byte_tokenizer: Any) -> None:
+    rows = [{"prompt": "What is 2+2?", "response": "2+2=4"}] * 3
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+
+    def first_text(**settings: Any) -> str:
+        cfg = DataConfig(train=path, validation=path, max_leak=1.0, **settings)
+        return byte_tokenizer.decode(
+            prepare_data(cfg, task="causal", tokenizer=byte_tokenizer, seed=0).train[0]["input_ids"]
+        )
+
+    assert first_text() == "<s>" + ALPACA_PROMPT_NO_INPUT.format(instruction="What is 2+2?") + "2+2=4</s>"
+    assert first_text(template="chat") == "<s>user\nWhat is 2+2?</s>\n<s>assistant\n2+2=4</s>\n"
+    assert first_text(template="none") == "<s>What is 2+2?\n2+2=4</s>"
+    assert first_text(template="none", text_separator=" A: ") == "<s>What is 2+2? A: 2+2=4</s>"
+
+
+def test_marked_up_text_gets_no_second_bos_or_eos_and_masks_to_the_marker(tmp_path: Path, byte_tokenizer: Any) -> None:
+    text = "<s>[INST] Name a colour. [/INST] Blue. </s>"
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"text": text}, {"text": "<s>[INST] no marker here </s>"}])
+    plain = DataConfig(train=path, validation=path, template="none", max_leak=1.0)
+    row = prepare_data(plain, task="causal", tokenizer=byte_tokenizer, seed=0).validation[0]
+    ids = row["input_ids"]
+    assert byte_tokenizer.decode(ids) == text
+    assert ids.count(byte_tokenizer.bos_token_id) == ids.count(byte_tokenizer.eos_token_id) == 1
+    marked = DataConfig(train=path, validation=path, template="none", response_marker="[/INST]", max_leak=1.0)
+    prepared = prepare_data(marked, task="causal", tokenizer=byte_tokenizer, seed=0)
+    assert response_text(byte_tokenizer, prepared.validation[0]) == " Blue. </s>"
+    assert list(prepared.encoded.splits["validation"]["dropped"]) == ["", "no response marker"]
+    with pytest.raises(DataError) as error:
+        prepare_data(DataConfig(train=path, response_marker="[/INST]"), task="causal", tokenizer=byte_tokenizer, seed=0)
+    assert_one_line(error, 'data.response_marker: marks the response in plain text; it needs data.template = "none"')
+
+
+@pytest.mark.parametrize(
+    ("template", "row"),
+    [
+        ("alpaca", {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}),
+        ("alpaca", {"prompt": "What is 2+2?", "response": "4"}),
+        ("chat", {"instruction": "Capital of France?", "input": "", "output": "Paris"}),
+        ("none", {"prompt": "Q: hi", "response": "hello"}),
+        ("none", {"text": "<s>[INST] hi [/INST] hello </s>"}),
+    ],
+)
+def test_render_prompt_is_the_prompt_training_sees(
+    tmp_path: Path, byte_tokenizer: Any, template: str, row: dict[str, str]
+) -> None:
+    marker = "[/INST]" if "text" in row else None
+    path = write_jsonl(tmp_path / "d.jsonl", [row, row])
+    cfg = DataConfig(train=path, validation=path, template=template, response_marker=marker, max_leak=1.0)
+    trained = prepare_data(cfg, task="causal", tokenizer=byte_tokenizer, seed=0).validation[0]
+    masked = trained["labels"].count(-100)
+    assert prompt_token_ids(cfg, byte_tokenizer, row) == trained["input_ids"][:masked]
+    response = {"output", "response"}
+    prompt_only = {key: value for key, value in row.items() if key not in response}
+    rendered = render_prompt(cfg, byte_tokenizer, row)
+    assert byte_tokenizer.decode(trained["input_ids"][:masked]).endswith(rendered)
+    if "text" not in row:  # a prompt to generate from (no response column) renders the same
+        assert render_prompt(cfg, byte_tokenizer, prompt_only) == rendered
+
+
+def test_eval_maps_labels_as_the_run_did_and_names_a_row_it_cannot_score(tmp_path: Path, minilm: Any) -> None:
+    cfg = DataConfig()
+    held_out = write_jsonl(tmp_path / "h.jsonl", [{"text": "good", "label": 3}, {"text": "bad", "label": 1}])
+    dataset, _ = prepare_eval_split(
+        cfg, held_out, task="classification", tokenizer=minilm, label_names=["1", "3"], num_labels=2
+    )
+    assert dataset["labels"][:] == [1, 0]
+    unseen = write_jsonl(tmp_path / "u.jsonl", [{"text": "good", "label": 3}, {"text": "meh", "label": 5}])
+    with pytest.raises(DataError) as error:
+        prepare_eval_split(cfg, unseen, task="classification", tokenizer=minilm, label_names=["1", "3"], num_labels=2)
+    assert_one_line(error, "u.jsonl: row 2: label unseen in training; fix or drop that row")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -19,11 +20,12 @@ from rich.console import Console
 from transformers import BertConfig, BertModel, T5Config
 
 from engine.api import run_training
-from engine.config import build_config
+from engine.config import build_config, load_config
 from engine.events import Checkpoint, Log, Progress, RunStarted, RunStopped, Step
 from engine.inference.evaluate import evaluate_run
 from engine.inspect import inspect_config
 from engine.models import build_meta_model
+from engine.presets import bundled_presets
 from engine.sinks import ListSink
 from engine.views import RichProgressSink, TextLogSink, fold_blocks
 from tests.conftest import QUICKSTART_DATA, ROOT, needs_smollm2, quickstart_data
@@ -48,7 +50,7 @@ def causal_config(tmp_path: Path, **train: object) -> dict[str, object]:
     return {
         "name": "causal",
         "model": {"id": "builtin:tiny-llama"},
-        "data": {**data, "max_length": 256},
+        "data": {**data, "max_length": 256, "max_leak": 1.0},  # the small instruction set repeats rows
         "strategy": {"kind": "lora", "r": 4},
         "train": settings,
     }
@@ -266,3 +268,16 @@ def test_identical_blocks_fold_into_one_row() -> None:
         "model.layers.2",
         "model.layers.3-31 ×29",
     ]
+
+
+def test_the_7b_qlora_preset_fits_in_the_memory_its_comment_claims(shared_configs: Path) -> None:
+    """The preset, the README and the estimate agree: on a GPU at the seed recipe's batch 4 x 512, with gradient
+    checkpointing, the estimate stays under the free memory the preset asks for (less room for the CUDA context)."""
+    preset = next(path for path in bundled_presets() if path.stem == "llama2-7b-qlora-alpaca")
+    claimed_gb = float(re.search(r"~(\d+) GB free", preset.read_text()).group(1))
+    llama = str(shared_configs / "meta-llama__Llama-2-7b-hf")
+    config = load_config(preset, [f"model.id={llama}", "train.device=cuda"])
+    memory = inspect_config(config)["memory"]
+    assert config.train.gradient_checkpointing and (config.train.batch_size, config.data.max_length) == (4, 512)
+    assert memory["total_bytes"] + 2**30 <= claimed_gb * 10**9
+    assert f"~{claimed_gb:.0f} GB" in (ROOT / "README.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +12,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
 from engine.architecture import output_module_names
-from engine.config import ModelConfig
-from engine.freeze_map import FreezeMap, compute_freeze_map
+from engine.config import ModelConfig, build_config
+from engine.freeze_map import (
+    CPU_ACTIVATION_OVERHEAD,
+    CPU_FRAMEWORK_BYTES,
+    CPU_WEIGHTS_OVERHEAD,
+    FreezeMap,
+    compute_freeze_map,
+)
+from engine.inspect import inspect_config
 from engine.models import build_meta_model, load_model
 from tests.conftest import SHARED, needs_shared
 
@@ -131,15 +139,21 @@ def test_memory_estimate_formulas() -> None:
     assert memory.weights_bytes == 4 * total
     assert memory.gradients_bytes == 4 * head_only.trainable_params
     assert memory.optimizer_bytes == 8 * head_only.trainable_params
-    assert memory.activations_bytes == 0  # nothing below the head needs a backward
-    assert memory.total_bytes == memory.weights_bytes + memory.gradients_bytes + memory.optimizer_bytes
+    # nothing below the head needs a backward: the peak is a forward at the eval batch (2 x 8) through one block,
+    # 1024 tokens x 4 bytes x (10.5 x 32 + 2 x 64)
+    assert memory.activations_bytes == 4 * 1024 * (336 + 128) == 1_900_544
+    assert memory.overhead_bytes == 0  # no device given: no allocator or framework overhead
+    parts = memory.weights_bytes + memory.gradients_bytes + memory.optimizer_bytes + memory.activations_bytes
+    assert memory.total_bytes == parts
     assert "estimate" in memory.note
 
     train_only(model, ["bert.encoder.layer.3", *output_module_names(model, "classification")])
     last_block = compute_freeze_map(model, batch_size=8, seq_len=64).memory
-    per_block = int(8 * 64 * 32 * (34 + 5 * 4 * 64 / 32) * 4 / 2)
+    # tiny BERT: hidden 32, intermediate 64, 4 heads, attention dropout 0.1 (SDPA keeps the probabilities on a CPU);
+    # 512 tokens x 4 bytes x (10.5 x 32 + 2 x 64) + 3 x 4 bytes x 4 heads x 64 x 512 tokens
+    per_block = 4 * 512 * (336 + 128) + 3 * 4 * 4 * 64 * 512
     assert last_block is not None
-    assert last_block.activations_bytes == per_block
+    assert last_block.activations_bytes == per_block == 2_523_136
     assert "1/4 blocks" in last_block.note
 
     train_only(model, [""] + [name for name, _ in model.named_parameters()])
@@ -149,6 +163,48 @@ def test_memory_estimate_formulas() -> None:
     assert full.activations_bytes == 4 * per_block
     assert checkpointed.activations_bytes == 4 * 8 * 64 * 32 * 4 + per_block
     assert "gradient checkpointing" in checkpointed.note
+    on_cuda = compute_freeze_map(model, batch_size=8, seq_len=64, precision="bf16", device="cuda").memory
+    assert on_cuda is not None  # bf16 activations, and SDPA's fused kernels keep no probabilities on CUDA
+    assert on_cuda.activations_bytes == 4 * 2 * 512 * (336 + 128)
+    on_cpu = compute_freeze_map(model, batch_size=8, seq_len=64, precision="fp32", device="cpu").memory
+    assert on_cpu is not None
+    weights_share = CPU_WEIGHTS_OVERHEAD * full.weights_bytes
+    overhead = CPU_ACTIVATION_OVERHEAD * full.activations_bytes + CPU_FRAMEWORK_BYTES + weights_share
+    assert on_cpu.overhead_bytes == int(overhead)
+    assert on_cpu.total_bytes == full.total_bytes + on_cpu.overhead_bytes
+    model.requires_grad_(False)  # `feature`: a forward at the eval batch, no Trainer
+    frozen = compute_freeze_map(model, batch_size=8, seq_len=64, precision="fp32", device="cpu").memory
+    assert frozen is not None and frozen.activations_bytes == 4 * 1024 * (336 + 128)
+    assert frozen.overhead_bytes == int(CPU_ACTIVATION_OVERHEAD * frozen.activations_bytes)
+
+
+def test_the_estimate_prices_weights_in_the_dtype_training_uses(shared_configs: Path) -> None:
+    """Llama-2-7B's checkpoint is fp16, but `full` trains fp32 weights (16 bytes a parameter with AdamW), and LoRA
+    keeps a bf16 base only on a GPU."""
+    llama = str(shared_configs / "meta-llama__Llama-2-7b-hf")
+
+    def inspect(strategy: str, device: str) -> dict:
+        overrides = [f"model.id={json.dumps(llama)}", f"strategy.kind={strategy}", f"train.device={device}"]
+        return inspect_config(build_config({"train": {"batch_size": 1}, "data": {"max_length": 512}}, overrides))
+
+    full = inspect("full", "cpu")
+    memory = full["memory"]
+    assert (full["device"], full["precision"]) == ("cpu", "fp32")
+    assert memory["weights_bytes"] == memory["gradients_bytes"] == 4 * full["total_params"]
+    assert memory["optimizer_bytes"] == 8 * full["total_params"]
+    assert memory["total_bytes"] > 16 * full["total_params"]  # was 12 x (fp16 weights and gradients): 27 GB short
+    assert inspect("full", "cuda")["memory"]["weights_bytes"] == memory["weights_bytes"]  # bf16 autocasts fp32 weights
+
+    lora_gpu, lora_cpu = inspect("lora", "cuda"), inspect("lora", "cpu")
+    assert lora_gpu["precision"] == "bf16"
+    frozen = lora_gpu["total_params"] - lora_gpu["trainable_params"]
+    assert lora_gpu["memory"]["weights_bytes"] == 2 * frozen + 4 * lora_gpu["trainable_params"]
+    assert lora_cpu["memory"]["weights_bytes"] == 4 * lora_cpu["total_params"]  # train.device=cpu: fp32
+
+    qlora = inspect("qlora", "cuda")
+    rows = {layer["name"]: layer for layer in qlora["layers"]}
+    assert rows["model.embed_tokens"]["dtype"] == "float32"  # prepare_model_for_kbit_training casts it up
+    assert rows["model.layers.0"]["quantization"] == "nf4"
 
 
 @needs_shared
@@ -173,7 +229,9 @@ def test_json_round_trip() -> None:
     freeze_map = compute_freeze_map(model, batch_size=4, seq_len=32)
     data = json.loads(json.dumps(freeze_map.to_dict()))
     assert set(data) == {"total_params", "trainable_params", "trainable_percent", "layers", "memory"}
-    assert set(data["layers"][0]) == {"name", "kind", "total", "trainable", "dtype", "quantization"}
+    old_memory = {key: value for key, value in data["memory"].items() if key != "overhead_bytes"}
+    assert FreezeMap.from_dict({**data, "memory": old_memory}).memory is not None  # written before overhead
+    assert set(data["layers"][0]) == {"name", "kind", "total", "trainable", "dtype", "quantization", "new"}
     assert FreezeMap.from_dict(data) == freeze_map
     without_memory = compute_freeze_map(model)
     assert without_memory.to_dict()["memory"] is None

@@ -69,6 +69,7 @@ def write_run(
     losses: list[float] | None = None,
     status: str = "finished",
     accuracy: float = 0.75,
+    test_accuracy: float | None = None,
     started: float = FIXED_TIME,
 ) -> Path:
     """A run directory as the engine writes it, with fixed times (for followed runs and snapshots)."""
@@ -88,29 +89,17 @@ def write_run(
             config=config_to_dict(config),
         )
     ]
-    for index, loss in enumerate(losses, start=1):
-        events.append(
-            Step(
-                time=started + 2 * index,
-                step=index,
-                max_steps=len(losses),
-                epoch=index / len(losses),
-                loss=loss,
-                lr=1e-4 * (1 - index / len(losses)),
-                grad_norm=1.0,
-                samples_per_second=20.0,
-                tokens_per_second=500.0,
-                elapsed_s=2.0 * index,
-                eta_s=2.0 * (len(losses) - index),
-                memory_rss_mb=700.0,
-            )
-        )
+    events += step_events(losses, started)
     summary = {"status": status, "strategy": strategy, "name": name, "train_runtime_s": 2.0 * len(losses)}
     if status == "finished":
         metrics = {"loss": losses[-1], "accuracy": accuracy, "f1": accuracy - 0.05}
         end = started + 2 * len(losses) + 1
         events.append(Eval(time=end, step=len(losses), epoch=1.0, split="validation", metrics=metrics))
         summary["validation"] = metrics
+        if test_accuracy is not None:
+            test = {"loss": losses[-1] + 0.02, "accuracy": test_accuracy, "f1": test_accuracy - 0.03}
+            events.append(Eval(time=end, step=len(losses), epoch=1.0, split="test", metrics=test))
+            summary["test"] = test
         events.append(RunFinished(time=end, summary=summary))
     with (run_dir / "events.jsonl").open("w") as handle:
         for event in events:
@@ -120,6 +109,27 @@ def write_run(
     for path in (run_dir / "config.toml", run_dir):
         os.utime(path, (started, started))
     return run_dir
+
+
+def step_events(losses: list[float], started: float) -> list[Step]:
+    """One `step` event per loss, two seconds apart from `started`."""
+    return [
+        Step(
+            time=started + 2 * index,
+            step=index,
+            max_steps=len(losses),
+            epoch=index / len(losses),
+            loss=loss,
+            lr=1e-4 * (1 - index / len(losses)),
+            grad_norm=1.0,
+            samples_per_second=20.0,
+            tokens_per_second=500.0,
+            elapsed_s=2.0 * index,
+            eta_s=2.0 * (len(losses) - index),
+            memory_rss_mb=700.0,
+        )
+        for index, loss in enumerate(losses, start=1)
+    ]
 
 
 def plain(widget: Any) -> str:

@@ -12,6 +12,7 @@ from textual.widgets import Input, Select, Static
 from engine.cli import main as cli_main
 from engine.config import build_config, load_config
 from engine.inspect import inspect_config
+from engine.views import format_bytes
 from tests.tui.conftest import make_app, plain, quickstart, screen_text
 from tui.form import with_value
 from tui.screens.freeze_map import FreezeMapScreen, map_data
@@ -131,3 +132,24 @@ def test_bars_are_proportional_with_trainable_and_frozen_parts() -> None:
     small = bar(1, 0, 1000, 10)
     assert small.plain == "▏"  # a tiny group still shows
     assert len(bar(500, 0, 1000, 10).plain) == 5
+
+
+async def test_at_80x24_new_layers_say_so_and_the_memory_sum_shows_whole() -> None:
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_map(app, pilot)
+        assert screen.report is not None
+        new = {row["name"] for row in cli_inspect("quickstart")["layers"] if row.get("new")}
+        assert new == {"classifier"}  # the task's head; MiniLM's checkpoint has the rest
+        lines = [line.rstrip() for line in screen_text(app).splitlines()]
+        for row in screen.report["layers"]:
+            line = next(line for line in lines if line[4:].startswith(f"{row['name']} "))
+            assert ("(new)" in line) == (row["name"] in new), line
+        memory = {part: format_bytes(screen.report["memory"][f"{part}_bytes"]) for part in ("weights", "gradients",
+                  "optimizer", "activations", "total")}  # fmt: skip
+        first = f" memory {memory['total']} = weights {memory['weights']} + gradients {memory['gradients']}"
+        assert first in lines
+        assert (
+            lines[lines.index(first) + 1].strip()
+            == f"+ optimizer {memory['optimizer']} + activations {memory['activations']}"
+        )

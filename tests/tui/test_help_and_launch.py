@@ -34,7 +34,12 @@ async def test_help_screen_and_command_palette(tmp_path) -> None:  # type: ignor
         assert "? Help" in screen_text(app)
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        assert "ctrl+r" in screen_text(app)
+        await pilot.pause()
+        lines = screen_text(app).splitlines()
+        assert any("ctrl+r" in line for line in lines)
+        first = next(line for line in lines if "ctrl+t " in line)
+        wrapped = lines[lines.index(first) + 1]  # the rest of its description, under the description
+        assert wrapped.index(wrapped.split()[1]) == first.index("start it in the background"), (first, wrapped)
         await pilot.press("escape")
         assert isinstance(app.screen, RunsScreen)
         await pilot.press("f1")
@@ -70,8 +75,7 @@ def test_the_first_screen_paints_before_torch_is_imported() -> None:
             async with app.run_test(size=(80, 24)) as pilot:
                 while app.first_paint is None:
                     await pilot.pause()
-                seconds, heavy = app.first_paint
-                print(heavy, round(seconds, 2))
+                print(app.first_paint[1])
 
         loop = asyncio.new_event_loop()
         loop.run_until_complete(main())
@@ -81,9 +85,22 @@ def test_the_first_screen_paints_before_torch_is_imported() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    heavy, seconds = result.stdout.strip().rsplit(" ", 1)
-    assert heavy == "[]"
-    assert float(seconds) < 5  # about 1 s on 2 cores; generous for loaded CI machines
+    assert result.stdout.strip() == "[]"  # no torch, transformers or peft module when the first screen painted
+
+
+def test_the_background_warm_up_loads_the_whole_engine() -> None:
+    """Workers import the engine only through `load_engine`: transformers' lazy imports race across threads."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from tui.heavy import ENGINE_MODULES, load_engine
+        load_engine()
+        print(sorted(name for name in (*ENGINE_MODULES, "torch", "transformers", "peft") if name not in sys.modules))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 async def test_the_footer_is_rebuilt_only_when_its_keys_change(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -103,3 +120,18 @@ async def test_the_footer_is_rebuilt_only_when_its_keys_change(tmp_path) -> None
         await pilot.pause()
         assert "f9 Ring" in screen_text(app)
         assert list(setup.query(FooterKey)) != keys_before
+
+
+async def test_the_footer_shows_whole_keys_only_and_follows_the_width(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    app = make_app(runs_dir=tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f4")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1]
+        assert footer.startswith("space Mark c Compare d Diff R Resume s Stop a Attach t Try ? Help")
+        assert footer.rstrip().endswith("▏^p palette") and "^t" not in footer  # no `^t Bac`, nothing after it
+        await pilot.resize_terminal(120, 24)
+        await pilot.pause()
+        await pilot.pause()
+        assert "^t Background ^o Load ^s Save" in screen_text(app).splitlines()[-1]

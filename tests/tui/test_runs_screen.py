@@ -135,3 +135,29 @@ async def test_an_open_run_whose_process_died_shows_interrupted(tmp_path: Path) 
         write_pid(run_dir, process.pid)  # the process training it is gone without a final event
         await wait_for(pilot, lambda: detail.run.history.status == "interrupted", timeout=10)
         await wait_for(pilot, lambda: "interrupted" in screen_text(app), timeout=10)
+
+
+async def test_the_runs_and_compare_tables_fit_80_columns(tmp_path: Path) -> None:
+    write_run(tmp_path, "a-run-with-a-rather-long-name", strategy="head", started=FIXED_TIME - 60)
+    write_run(tmp_path, "full", strategy="last_layers")
+    app = make_app(runs_dir=tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_runs(app, pilot)
+        header, *rows = screen_text(app).splitlines()[2:5]
+        assert header.split() == ["run", "status", "strategy", "model", "best"]  # `started`: the name ends with it
+        assert rows[0].split()[:2] == ["full-20260528-202640", "finished"]
+        assert rows[1].split()[0].startswith("a-run-with-a") and rows[1].split()[0].endswith("…")
+        assert rows[1].rstrip().endswith("accuracy 0.7500")
+        await pilot.resize_terminal(120, 24)
+        await pilot.pause()
+        header, row = screen_text(app).splitlines()[2:4]
+        assert header.split()[-1] == "started" and "full-20260528-202640" in row and row.rstrip().endswith("20:26")
+
+        await pilot.resize_terminal(80, 24)
+        await pilot.press("space", "down", "space", "c")
+        await pilot.pause()
+        assert isinstance(app.screen, CompareScreen)
+        lines = screen_text(app).splitlines()
+        header = next(line for line in lines if line.split()[:1] == ["run"])
+        assert header.split() == ["run", "strategy", "steps", "best", "samples/s", "time"]
+        assert lines[lines.index(header) + 1].split()[1:] == ["last_layers", "6", "accuracy", "0.7500", "20.0", "0:12"]

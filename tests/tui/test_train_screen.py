@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ async def finish(app: FinetuiApp, pilot) -> None:  # type: ignore[no-untyped-def
 
 async def test_a_tiny_run_shows_its_loss_curve_finishes_and_reopens_from_the_runs_screen(tmp_path: Path) -> None:
     app = make_app(tiny_setup(tmp_path))
-    async with app.run_test(size=(100, 30)) as pilot:
+    async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("ctrl+r")
         await pilot.pause()
         assert isinstance(app.screen, TrainScreen)
@@ -67,7 +68,11 @@ async def test_a_tiny_run_shows_its_loss_curve_finishes_and_reopens_from_the_run
         assert list(chart.series[0].steps) == history.steps and list(chart.series[0].losses) == history.losses
         assert "step 6/6" in plain(view.query_one("#progress-text", Label))
         assert "finished" in app.run_banner and "finished" in plain(view.query_one("#run-title", Label))
-        assert "validation" in screen_text(app)
+        shown = screen_text(app)  # the whole summary above the fold of an 80x24 terminal
+        validation, test = history.latest_metrics("validation"), history.latest_metrics("test")
+        assert re.search(r"validation +test *\n", shown), shown
+        for name in ("loss", "accuracy", "f1"):
+            assert re.search(rf"{name} +{validation[name]:.4f} +{test[name]:.4f} ", shown), name
         run_dir = Path(history.run_dir or "")
         assert read_summary(run_dir)["status"] == "finished"
 
@@ -112,6 +117,8 @@ async def test_stop_asks_then_stops_with_a_checkpoint_and_the_runs_screen_resume
         run_dir = Path(history.run_dir or "")
         assert read_summary(run_dir)["status"] == "stopped"
         assert "stopped" in app.run_banner
+        notes = [note.message for note in app._notifications]
+        assert f"{run_dir.name} stopped with a checkpoint: R on the runs screen (F4) resumes it" in notes
 
         await pilot.press("f4")
         await finish(app, pilot)
@@ -127,7 +134,7 @@ async def test_stop_asks_then_stops_with_a_checkpoint_and_the_runs_screen_resume
 
 
 async def test_quitting_during_a_run_asks_first(
-    tmp_path: Path, first_step_gate: tuple[threading.Event, threading.Event]
+    tmp_path: Path, first_step_gate: tuple[threading.Event, threading.Event], capsys: pytest.CaptureFixture[str]
 ) -> None:
     reached, release = first_step_gate
     app = make_app(tiny_setup(tmp_path, max_steps=2000))
@@ -148,6 +155,11 @@ async def test_quitting_during_a_run_asks_first(
     assert app.session.history is not None and app.session.history.status == "stopped"
     assert app.session.history.checkpoint and Path(app.session.history.checkpoint).name == "checkpoint-2"
     assert app.return_code == 0
+    said = " ".join(capsys.readouterr().err.split())  # the shell shows how to continue the run
+    assert (
+        f"finetui: {Path(app.session.history.run_dir or '').name} stopped; continue it with: finetui run --resume"
+        in said
+    )
 
 
 async def test_a_failed_run_shows_its_error_and_the_app_stays_usable(tmp_path: Path) -> None:

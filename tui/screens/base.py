@@ -9,6 +9,8 @@ from textual.screen import Screen
 from textual.widgets import Input
 from textual.worker import Worker, WorkerState
 
+from tui.messages import SetupChanged
+
 if TYPE_CHECKING:
     from tui.app import FinetuiApp
 
@@ -61,3 +63,30 @@ class MainScreen(Screen[None]):
 
     def worker_failed(self, worker: Worker, message: str) -> None:
         self.notify(message, title=worker.name or "error", severity="error", timeout=8)
+
+
+class SetupScreenBase(MainScreen):
+    """A screen that shows the app's setup: a change made elsewhere (another screen, a loaded preset) is shown at
+    once when the screen is current, else when it next becomes current."""
+
+    stale = True
+    """The setup changed since the screen last showed it."""
+
+    def on_mount(self) -> None:
+        self.finetui.setup_signal.subscribe(self, self._setup_changed)
+
+    def _setup_changed(self, change: SetupChanged) -> None:
+        if change.origin is self:
+            return
+        if self.is_current:
+            self.show_setup()
+        else:
+            self.stale = True
+
+    def on_screen_resume(self) -> None:
+        if self.stale:
+            self.show_setup()
+
+    def show_setup(self) -> None:
+        """Show the app's setup (and set `stale` to False)."""
+        raise NotImplementedError

@@ -6,6 +6,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
+from rich.console import Group
+from rich.padding import Padding
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -133,13 +136,16 @@ class PresetPickerScreen(ModalScreen[Path | None]):
         with Vertical(classes="dialog", id="preset-picker"):
             yield Label("Load a preset (enter), or type a file path; ctrl+b browses", classes="dialog-question")
             yield OptionList(
-                *[
-                    Option(f"[b]{path.stem}[/]\n  [dim]{preset_description(path)}[/]", id=str(path))
-                    for path in self.presets
-                ],
+                *[Option(self._prompt(path), id=str(path)) for path in self.presets],
                 id="preset-list",
             )
             yield Input(placeholder="path/to/preset.toml", id="preset-path", compact=True)
+
+    @staticmethod
+    def _prompt(path: Path) -> Group:
+        """The preset's name, and its description indented under it, wrapped lines included."""
+        description = Padding(Text(preset_description(path), style="dim"), (0, 0, 0, 2))
+        return Group(Text(path.stem, style="bold"), description)
 
     def on_mount(self) -> None:
         self.query_one(OptionList).focus()

@@ -19,8 +19,8 @@ from textual.widgets import Input, Label, Select, Static
 from engine.views import format_bytes, format_count
 from tui.form import FIELDS_BY_KEY, LORA_KINDS, MISSING, effective_value, parse_text, to_text, with_value
 from tui.heavy import load_engine
-from tui.messages import FreezeMapComputed, SetupChanged
-from tui.screens.base import MainScreen
+from tui.messages import FreezeMapComputed
+from tui.screens.base import SetupScreenBase
 from tui.widgets.freeze_table import FreezeMapTable
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.steady_footer import SteadyFooter
@@ -57,7 +57,7 @@ def map_key(data: dict[str, Any]) -> str:
     return json.dumps(map_data(data), sort_keys=True, default=str)
 
 
-class FreezeMapScreen(MainScreen):
+class FreezeMapScreen(SetupScreenBase):
     MODE = "freeze"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("space", "toggle", "Toggle row"),
@@ -70,7 +70,6 @@ class FreezeMapScreen(MainScreen):
         self.report: dict[str, Any] | None = None
         self.computed_key: str | None = None
         self.pending_key: str | None = None
-        self._stale = True  # the setup changed elsewhere since the map showed it
 
     def compose(self) -> ComposeResult:
         yield ModeBar("freeze")
@@ -101,24 +100,11 @@ class FreezeMapScreen(MainScreen):
         return to_text(FIELDS_BY_KEY[key], effective_value(self.finetui.setup_data, key))
 
     def on_mount(self) -> None:
-        self.finetui.setup_signal.subscribe(self, self._setup_changed)
         self.query_one(FreezeMapTable).focus()
-
-    def _setup_changed(self, change: SetupChanged) -> None:
-        if change.origin is self:
-            return
-        if self.is_current:
-            self.show_setup()
-        else:
-            self._stale = True
-
-    def on_screen_resume(self) -> None:
-        if self._stale:
-            self.show_setup()
 
     def show_setup(self) -> None:
         """Show the app's setup: the controls, and its map (recomputed when its inputs changed)."""
-        self._stale = False
+        self.stale = False
         self._show_controls()
         self.maybe_recompute()
 
@@ -233,11 +219,13 @@ class FreezeMapScreen(MainScreen):
             f"{format_count(report['trainable_params'])} ({report['trainable_percent']:.4g} %)"
         )
         memory = report.get("memory")
-        if memory:
-            parts = ("weights", "gradients", "optimizer", "activations")
-            text = " · ".join(f"{part} {format_bytes(memory[f'{part}_bytes'])}" for part in parts)
+        if memory:  # the sum two terms a line, aligned: at 80 columns one line wrapped inside a term
+            parts = ("weights", "gradients", "optimizer", "activations", "overhead")
+            terms = [f"{part} {format_bytes(memory[f'{part}_bytes'])}" for part in parts if f"{part}_bytes" in memory]
+            total = f"memory {format_bytes(memory['total_bytes'])} "
+            lines = [" + ".join(terms[start : start + 2]) for start in range(0, len(terms), 2)]
             self.query_one("#fm-memory", Static).update(
-                f"[b]memory[/] {format_bytes(memory['total_bytes'])} = {text}\n[dim]{memory['note']}[/]"
+                f"[b]{total}[/]= " + f"\n{' ' * len(total)}+ ".join(lines) + f"\n[dim]{memory['note']}[/]"
             )
 
     def action_recompute(self) -> None:

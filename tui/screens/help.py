@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import ClassVar
 
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
@@ -55,6 +57,7 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("enter", "open a run: curves and summary from its events.jsonl, followed while written"),
             ("space, then c", "mark runs, then overlay their loss curves"),
+            ("space, then d", "mark two runs, then diff them: config, environment, data, metrics"),
             ("R (shift+r)", "resume a stopped, failed or interrupted run from its last checkpoint"),
             ("s", "stop a running run, whatever process trains it (asks first)"),
             ("a", "attach: follow a running run on the training screen (like `finetui attach`)"),
@@ -75,16 +78,30 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
 )
 
 
-def help_text() -> str:
+KEY_WIDTH = 20
+INDENT = " " * (2 + KEY_WIDTH + 1)
+
+
+def help_text(width: int | None = None) -> str:
+    """The help, its descriptions wrapped to `width` cells under their own column (a hanging indent)."""
     lines = [
-        "[b $accent]finetui[/]  pick a model, data and a strategy (F1), see what trains and what it costs (F2),",
-        "train and watch the loss (F3), compare runs (F4). Everything works from the keyboard.",
+        "[b $accent]finetui[/]  pick a model, data and a strategy (F1), see what trains and what it costs (F2), "
+        "train and watch the loss (F3), compare runs (F4). Everything works from the keyboard."
     ]
+    room = max(20, width - len(INDENT)) if width else None
     for title, keys in SECTIONS:
         lines.append("")
         lines.append(f"[b $accent]{title}[/]")
-        lines.extend(f"  [b]{key:<20}[/] {what}" if key else f"  {'':<20} [dim]{what}[/]" for key, what in keys)
+        for key, what in keys:
+            wrapped = textwrap.wrap(what, room) if room else [what]
+            text = ("\n" + INDENT).join(wrapped)
+            lines.append(f"  [b]{key:<{KEY_WIDTH}}[/] {text}" if key else f"{INDENT}[dim]{text}[/]")
     return "\n".join(lines)
+
+
+class HelpText(Static):
+    def on_resize(self, event: events.Resize) -> None:
+        self.update(help_text(event.size.width))
 
 
 class HelpScreen(ModalScreen[None]):
@@ -92,4 +109,4 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-body"):
-            yield Static(help_text(), id="help-text")
+            yield HelpText(help_text(), id="help-text")

@@ -10,9 +10,11 @@ any run with a model or a checkpoint can be tried (`tui.screens.try_run`) or exp
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+from rich.cells import cell_len, set_cell_size
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -25,6 +27,7 @@ from tui.form import display_path, effective_value
 from tui.history import TERMINAL, RunHistory, best_metric
 from tui.messages import RunsListed
 from tui.screens.base import MainScreen
+from tui.screens.diff import DiffScreen
 from tui.screens.export import ExportScreen
 from tui.screens.try_run import TryScreen
 from tui.widgets.mode_bar import ModeBar
@@ -36,11 +39,67 @@ if TYPE_CHECKING:
 
 REFRESH_S = 3.0
 FOLLOW_S = 0.5
+RUN_COLUMNS = (
+    ("", "mark"),
+    ("run", "run"),
+    ("status", "status"),
+    ("strategy", "strategy"),
+    ("model", "model"),
+    ("best", "best"),
+    ("mem est/peak", "memory"),
+    ("started", "started"),
+)
+COMPARE_COLUMNS = ("run", "strategy", "status", "steps", "best", "samples/s", "time")
+MIN_SHRUNK = 12
+
+
+def memory_ratio_text(summary: dict[str, Any] | None) -> str:
+    """The memory estimate over the measured peak (`summary.json` `memory`), e.g. 0.97x."""
+    ratio = ((summary or {}).get("memory") or {}).get("ratio")
+    return f"{ratio:.2f}x" if ratio else ""
 
 
 def best_text(summary: dict[str, Any] | None) -> str:
     best = best_metric(summary)
     return f"{best[0]} {best[1]:.4f}" if best else ""
+
+
+def ellipsize(text: str, width: int) -> str:
+    return text if cell_len(text) <= width else set_cell_size(text, width - 1) + "…"
+
+
+def fit_table(
+    table: DataTable,
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[tuple[str, Sequence[str]]],
+    *,
+    optional: Sequence[str] = (),
+    shrink: Sequence[str] = (),
+) -> None:
+    """Fill `table` with `columns` ((label, key) pairs) and `rows` ((key, cells) pairs) so that it fits its width
+    without scrolling sideways: the `optional` columns are left out first, then the `shrink` columns' cells end
+    in … (down to `MIN_SHRUNK` cells). At 80 columns the runs table showed its last header as `s`."""
+    keys = [key for _, key in columns]
+    widths = {
+        key: max([cell_len(label)] + [cell_len(cells[index]) for _, cells in rows])
+        for index, (label, key) in enumerate(columns)
+    }
+    room = table.size.width - table.styles.scrollbar_size_vertical
+    excess = sum(width + 2 for width in widths.values()) - room if table.size.width else 0  # 2: cell padding
+    for key in optional:
+        if excess > 0:
+            excess -= widths.pop(key) + 2
+    for key in shrink:
+        cut = max(0, min(excess, widths[key] - MIN_SHRUNK))
+        widths[key] -= cut
+        excess -= cut
+    table.clear(columns=True)
+    for label, key in columns:
+        if key in widths:
+            table.add_column(label, key=key)
+    for row_key, cells in rows:
+        shown = [ellipsize(cell, widths[key]) for cell, key in zip(cells, keys, strict=True) if key in widths]
+        table.add_row(*shown, key=row_key)
 
 
 class RunsScreen(MainScreen):
@@ -49,11 +108,12 @@ class RunsScreen(MainScreen):
         Binding("enter", "open", "Open", show=True),
         Binding("space", "mark", "Mark"),
         Binding("c", "compare", "Compare"),
+        Binding("d", "diff", "Diff"),
         Binding("R", "resume", "Resume"),
         Binding("s", "stop", "Stop"),
         Binding("a", "attach", "Attach"),
         Binding("t", "try", "Try"),
-        Binding("e", "export", "Export"),
+        Binding("e", "export", "Export", show=False),  # in the help; the footer keeps ? Help at 80 columns
         Binding("r", "refresh", "Refresh", show=False),
     ]
 
@@ -70,15 +130,7 @@ class RunsScreen(MainScreen):
 
     def on_mount(self) -> None:
         table = self.query_one("#runs-table", DataTable)
-        for label, key in (
-            ("", "mark"),
-            ("run", "run"),
-            ("status", "status"),
-            ("strategy", "strategy"),
-            ("model", "model"),
-            ("best", "best"),
-            ("started", "started"),
-        ):
+        for label, key in RUN_COLUMNS:
             table.add_column(label, key=key)
         table.focus()
         self.set_interval(REFRESH_S, self._refresh_if_shown)
@@ -103,27 +155,40 @@ class RunsScreen(MainScreen):
 
     def on_runs_listed(self, message: RunsListed) -> None:
         self.runs = message.runs
-        session = self.finetui.session
         self.query_one("#runs-folder", Label).update(
             f"{len(self.runs)} runs in {display_path(str(message.folder))}/ · enter opens · space marks · "
-            "c overlays the marked runs"
+            "c overlays marked · d diffs two"
         )
+        self._show_runs()
+
+    def _show_runs(self) -> None:
+        """The runs in the table; where it is too narrow, without the memory ratio, then without `started` (the run's
+        name ends with its start time)."""
+        session = self.finetui.session
         table = self.query_one("#runs-table", DataTable)
         keep = table.cursor_row
-        table.clear()
-        for run in self.runs:
-            table.add_row(
-                "✓" if run.path in self.marked else "",
-                run.path.name,
-                "stopping…" if run.status == "running" and session.stopping_other(run.path) else run.status,
-                run.strategy,
-                run.model.removeprefix("builtin:"),
-                best_text(run.summary),
-                time.strftime("%m-%d %H:%M", time.localtime(run.started)),
-                key=str(run.path),
+        rows = [
+            (
+                str(run.path),
+                [
+                    "✓" if run.path in self.marked else "",
+                    run.path.name,
+                    "stopping…" if run.status == "running" and session.stopping_other(run.path) else run.status,
+                    run.strategy,
+                    run.model.removeprefix("builtin:"),
+                    best_text(run.summary),
+                    memory_ratio_text(run.summary),
+                    time.strftime("%m-%d %H:%M", time.localtime(run.started)),
+                ],
             )
+            for run in self.runs
+        ]
+        fit_table(table, RUN_COLUMNS, rows, optional=("memory", "started"), shrink=("model", "run"))
         if self.runs:
             table.move_cursor(row=min(keep, len(self.runs) - 1), animate=False)
+
+    def on_resize(self) -> None:
+        self._show_runs()
 
     def _current(self) -> RunInfo | None:
         table = self.query_one("#runs-table", DataTable)
@@ -175,6 +240,13 @@ class RunsScreen(MainScreen):
         self.marked ^= {run.path}
         table = self.query_one("#runs-table", DataTable)
         table.update_cell(str(run.path), "mark", "✓" if run.path in self.marked else "")
+
+    def action_diff(self) -> None:
+        paths = [run.path for run in self.runs if run.path in self.marked]
+        if len(paths) != 2:
+            self.notify("mark exactly two runs with space, then press d", severity="warning")
+            return
+        self.app.push_screen(DiffScreen(paths[0], paths[1]))
 
     def action_compare(self) -> None:
         paths = [run.path for run in self.runs if run.path in self.marked]
@@ -279,9 +351,6 @@ class CompareScreen(Screen[None]):
         yield SteadyFooter()
 
     def on_mount(self) -> None:
-        table = self.query_one("#compare-table", DataTable)
-        for label in ("run", "strategy", "status", "steps", "best", "samples/s", "time"):
-            table.add_column(label, key=label)
         self._follow()
         self.set_interval(FOLLOW_S * 2, self._follow)
 
@@ -290,20 +359,28 @@ class CompareScreen(Screen[None]):
         if self.query_one("#compare-table", DataTable).row_count and not any(changed):
             return
         self.query_one(LossChart).plot([series_of(run.history) for run in self.followed], overlay=True)
-        table = self.query_one("#compare-table", DataTable)
-        table.clear()
-        for run in self.followed:
+        self._show_numbers()
+
+    def _show_numbers(self) -> None:
+        rows = []
+        for index, run in enumerate(self.followed):
             history = run.history
             summary = history.summary or {}
             speed = summary.get("train_samples_per_second")
             if speed is None and history.position is not None:
                 speed = history.position.samples_per_second
-            table.add_row(
+            cells = [
                 history.label,
                 history.strategy,
                 history.status,
                 str(history.steps[-1] if history.steps else 0),
-                best_text(history.summary),
+                best_text(history.summary) or ("" if history.status == "finished" else f"({history.status})"),
                 f"{speed:.1f}" if speed else "",
                 format_duration(summary.get("train_runtime_s") or history.elapsed()),
-            )
+            ]
+            rows.append((str(index), cells))
+        table = self.query_one("#compare-table", DataTable)
+        fit_table(table, [(label, label) for label in COMPARE_COLUMNS], rows, optional=("status",), shrink=("run",))
+
+    def on_resize(self) -> None:
+        self._show_numbers()

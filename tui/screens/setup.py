@@ -1,7 +1,8 @@
-"""The setup screen: model, task, data (with a file picker and a preview), strategy and training options.
+"""The setup screen: model, task, data (with a file picker, a preview and a report), strategy and training options.
 
 Every field edits one key of the app's setup dict; after each edit the whole dict is validated with
 `engine.config.field_errors` (the CLI's pydantic models and wording) and each problem is shown under its field.
+The data report (`tui.widgets.data_report`) follows the setup too; its findings show beside their fields.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widget import Widget
-from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select
+from textual.widgets import Button, DataTable, Input, Label, Select
 
 from tui.form import (
     BUILTIN_MODELS,
@@ -31,9 +32,10 @@ from tui.form import (
     with_value,
 )
 from tui.heavy import load_engine
-from tui.messages import PreviewReady, SetupChanged
-from tui.screens.base import MainScreen
+from tui.messages import PreviewReady
+from tui.screens.base import SetupScreenBase
 from tui.screens.dialogs import FilePickerScreen
+from tui.widgets.data_report import DataReportView
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.steady_footer import SteadyFooter
 
@@ -49,7 +51,7 @@ def _cell(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-class SetupScreen(MainScreen):
+class SetupScreen(SetupScreenBase):
     MODE = "setup"
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]] | None] = [(0, "-narrow"), (150, "-wide")]
     AUTO_FOCUS = "#f-name"  # focusing the whole form would restyle every field: slow first paint
@@ -59,7 +61,7 @@ class SetupScreen(MainScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self._stale = False  # the setup changed elsewhere since the fields showed it
+        self.stale = False  # composed showing the current setup
         self._columns: list[str] = []
         self._preview_source: str | None = None
         self._shown_errors: dict[str, str] = {}
@@ -91,6 +93,7 @@ class SetupScreen(MainScreen):
                 if field.key == "data.test":
                     yield Label("", id="preview-status", classes="dim")
                     yield DataTable(id="preview-table", show_cursor=False, zebra_stripes=True)
+                    yield DataReportView(id="data-report")
 
     def _field_row(self, field: Field) -> ComposeResult:
         classes = "field-row"
@@ -104,6 +107,7 @@ class SetupScreen(MainScreen):
             if field.key in BROWSE_KEYS:
                 yield Button("…", id=f"browse-{field.widget_id}", classes="browse", compact=True)
         yield Label("", classes="field-error", id=f"err-{field.widget_id}")
+        yield Label("", classes="field-warning", id=f"warn-{field.widget_id}")
 
     def _widget(self, field: Field) -> Widget:
         """The field's widget, showing the current setup already (so mounting it changes nothing)."""
@@ -126,7 +130,10 @@ class SetupScreen(MainScreen):
                 compact=True,
             )
         elif field.kind == "bool":
-            widget = Checkbox("", value=bool(value), id=field.widget_id, compact=True)
+            # a Select that reads "off"/"on": a checkbox's X shows whatever its state in plain text and over SSH
+            widget = Select(
+                [("off", False), ("on", True)], value=bool(value), allow_blank=False, id=field.widget_id, compact=True
+            )
         else:
             widget = Input(
                 to_text(field, value), id=field.widget_id, compact=True, placeholder=self._placeholder(field)
@@ -146,37 +153,25 @@ class SetupScreen(MainScreen):
 
     def on_mount(self) -> None:
         # the widgets were composed showing the current setup already
-        self.finetui.setup_signal.subscribe(self, self._setup_changed)
         self._refresh_visibility()
         self.show_errors()
         self._maybe_preview()
+        self.query_one(DataReportView).request(self.finetui.setup_data, pause=False)
 
-    def _setup_changed(self, change: SetupChanged) -> None:
-        if change.origin is self:
-            return
-        if self.is_current:
-            self.populate()
-        else:
-            self._stale = True
-
-    def on_screen_resume(self) -> None:
-        if self._stale:
-            self.populate()
-
-    def populate(self) -> None:
+    def show_setup(self) -> None:
         """Show the app's setup in every field (without echoing change events back)."""
         data = self.finetui.setup_data
-        self._stale = False
-        with self.prevent(Input.Changed, Select.Changed, Checkbox.Changed):
+        self.stale = False
+        with self.prevent(Input.Changed, Select.Changed):
             for field in FIELDS:
                 value = effective_value(data, field.key)
                 widget = self.query_one(f"#{field.widget_id}")
                 if isinstance(widget, Input):
                     widget.value = to_text(field, value)
-                elif isinstance(widget, Checkbox):
-                    widget.value = bool(value)
                 elif isinstance(widget, Select):
-                    if field.kind == "column":
+                    if field.kind == "bool":
+                        widget.value = bool(value)
+                    elif field.kind == "column":
                         self._set_column_options(widget, str(value) if value is not None else "")
                     elif value in field.choices:
                         widget.value = value
@@ -189,6 +184,7 @@ class SetupScreen(MainScreen):
         self._refresh_visibility()
         self.show_errors()
         self._maybe_preview()
+        self.query_one(DataReportView).request(data)
 
     def _set_column_options(self, select: Select, current: str) -> None:
         names = list(self._columns)
@@ -215,6 +211,7 @@ class SetupScreen(MainScreen):
         if key in ("strategy.kind", "model.task", "model.id"):
             self._refresh_visibility()
         self.show_errors()
+        self.query_one(DataReportView).request(self.finetui.setup_data)
 
     @on(Input.Changed)
     def _input_changed(self, event: Input.Changed) -> None:
@@ -235,6 +232,15 @@ class SetupScreen(MainScreen):
     @on(Input.Submitted, "#f-data-train")
     def _train_submitted(self) -> None:
         self._maybe_preview(force=True)
+        self.query_one(DataReportView).request(self.finetui.setup_data, force=True, pause=False)
+
+    def on_data_report_view_findings(self, message: DataReportView.Findings) -> None:
+        """Each finding of the data report beside the field it concerns."""
+        for field in FIELDS:
+            shown = message.findings.get(field.key, "")
+            label = self.query_one(f"#warn-{field.widget_id}", Label)
+            label.update(shown)
+            label.display = bool(shown) and self.query_one(f"#row-{field.widget_id}").display
 
     @on(Select.Changed)
     def _select_changed(self, event: Select.Changed) -> None:
@@ -246,12 +252,6 @@ class SetupScreen(MainScreen):
         if field is None or event.value is Select.BLANK:
             return
         self._edit(field.key, event.value)
-
-    @on(Checkbox.Changed)
-    def _checkbox_changed(self, event: Checkbox.Changed) -> None:
-        field = self._field_of(event.checkbox)
-        if field is not None:
-            self._edit(field.key, event.value)
 
     @staticmethod
     def _field_of(widget: Widget) -> Field | None:
@@ -281,7 +281,21 @@ class SetupScreen(MainScreen):
             first = next(iter(errors.values())).removeprefix("preset: ")
             summary.update(f"[b]{count}[/] (marked red below): {first}")
         summary.display = bool(errors)
+        self._reveal_error()
         return errors
+
+    def on_descendant_focus(self) -> None:
+        self._reveal_error()
+
+    def _reveal_error(self) -> None:
+        """Scroll the focused field's error into view: under a field near the bottom, it was cut off."""
+        field = self._field_of(self.focused) if self.focused is not None else None
+        if field is None:
+            return
+        error = self.query_one(f"#err-{field.widget_id}", Label)
+        if error.display:
+            form = self.query_one("#setup-form", VerticalScroll)
+            self.call_after_refresh(form.scroll_to_widget, error, animate=False)
 
     def _refresh_visibility(self) -> None:
         data = self.finetui.setup_data
@@ -359,6 +373,9 @@ class SetupScreen(MainScreen):
     def worker_failed(self, worker, message: str) -> None:  # type: ignore[no-untyped-def]
         if worker.group == "preview":
             self.query_one("#preview-status", Label).update(f"[b $error]preview:[/] {message}")
+            return
+        if worker.group == "data-report":
+            self.query_one(DataReportView).failed(message)
             return
         super().worker_failed(worker, message)
 

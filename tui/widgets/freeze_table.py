@@ -45,6 +45,11 @@ def bar(total: int, trainable: int, largest: int, width: int) -> Text:
     return text
 
 
+def group_label(row: dict[str, Any]) -> str:
+    """A group's name, with ` (new)` for layers the checkpoint lacks (initialised for the task), as `inspect` shows."""
+    return row["name"] + (" (new)" if row.get("new") else "")
+
+
 def dtype_label(row: dict[str, Any]) -> str:
     return f"{row['dtype']} {row['quantization']}" if row.get("quantization") else row["dtype"]
 
@@ -67,7 +72,7 @@ class FreezeMapTable(DataTable):
         self.add_column("dtype", key="dtype")
 
     def bar_width(self) -> int:
-        longest = max((len(row["name"]) for row in (self.report or {}).get("layers", [])), default=10)
+        longest = max((len(group_label(row)) for row in (self.report or {}).get("layers", [])), default=10)
         spare = self.size.width - longest - 42
         return max(self.BAR_MIN, min(self.BAR_MAX, spare))
 
@@ -83,7 +88,7 @@ class FreezeMapTable(DataTable):
         for row in layers:
             trains = row["trainable"] > 0
             mark = Text("●", style=TRAINABLE_STYLE) if trains else Text("○", style=FROZEN_STYLE)
-            name = Text(row["name"], style="bold" if trains else "")
+            name = Text(group_label(row), style="bold" if trains else "")
             partial = trains and row["trainable"] != row["total"]
             share = f" ({row['trainable'] / row['total']:.0%})" if partial else ""
             self.add_row(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -59,6 +61,24 @@ class Series:
 def series_of(history: RunHistory, label: str | None = None) -> Series:
     eval_steps, eval_losses = history.eval_curve("loss")
     return Series(label or history.label, history.steps, history.losses, eval_steps, eval_losses)
+
+
+def memory_rows(freeze_map: dict[str, Any] | None, step: Step | None) -> list[tuple[str, str]]:
+    """The freeze map's memory estimate, and the measured peak so far with the ratio estimate / peak. They come
+    before RSS: the panel shows 7 rows, and the peak says more than the resident size now."""
+    estimate = ((freeze_map or {}).get("memory") or {}).get("total_bytes")
+    peak = step.memory_peak_bytes if step is not None else None
+    rows = []
+    if estimate:
+        rows.append(("mem est", short_bytes(estimate)))
+    if peak:
+        rows.append(("mem peak", short_bytes(peak) + (f" {estimate / peak:.2f}x" if estimate else "")))
+    return rows
+
+
+def short_bytes(count: float) -> str:
+    """Bytes in at most 9 characters (the side panel is narrow): 210 MiB, 12.5 GiB."""
+    return f"{count / 2**20:,.0f} MiB" if count < 10 * 2**30 else f"{count / 2**30:,.1f} GiB"
 
 
 class LossChart(PlotextPlot):
@@ -191,9 +211,9 @@ class RunView(Vertical):
                 return Text(f"run directory {display_path(event.run_dir)}{resumed}", style="dim")
             case RunFinished():
                 return Text("finished", style="green")
-            case RunStopped():
+            case RunStopped():  # the checkpoint by name: the run directory's path follows
                 run_dir = display_path(self.history.run_dir) if self.history and self.history.run_dir else None
-                checkpoint = display_path(event.checkpoint) if event.checkpoint else None
+                checkpoint = Path(event.checkpoint).name if event.checkpoint else None
                 return Text(stopped_line(replace(event, checkpoint=checkpoint), run_dir), style="yellow")
             case RunFailed():
                 return Text(f"failed: {event.error}", style="bold red")
@@ -204,13 +224,16 @@ class RunView(Vertical):
         assert history is not None
         status = "stopping…" if history.active and history.stop_requested else history.status
         style = STATUS_STYLE.get(history.status, "")
-        parts = [history.label, history.strategy, history.model]
+        parts = [history.label, history.strategy, history.model.removeprefix("builtin:")]
         title = " · ".join(part for part in parts if part)
         self.query_one("#run-title", Label).update(f"[{style} b]{status}[/]  {title}", layout=False)
         if self._set_text("#run-error", f"error: {history.error}" if history.error else ""):
             self.query_one("#run-error").display = bool(history.error)
         self._update_progress(history)
-        self.query_one("#run-stats", Static).update(self._stats(history), layout=False)
+        stats = self._stats(history)
+        shown = self._texts.get("#run-stats", "")
+        self._texts["#run-stats"] = stats
+        self.query_one("#run-stats", Static).update(stats, layout=not shown or stats.count("\n") != shown.count("\n"))
         self._set_text("#run-metrics", self._metrics(history))
 
     def _set_text(self, selector: str, text: str) -> bool:
@@ -253,6 +276,7 @@ class RunView(Vertical):
             ("grad norm", f"{step.grad_norm:.3g}" if step is not None and step.grad_norm is not None else "–"),
             ("samples/s", f"{position.samples_per_second:.1f}"),
             ("tokens/s", f"{position.tokens_per_second:,.0f}"),
+            *memory_rows(history.freeze_map, step),
             ("RSS", f"{position.memory_rss_mb:,.0f} MiB" if position.memory_rss_mb is not None else "–"),
         ]
         if step is not None and step.gpu_memory_mb is not None:
@@ -264,12 +288,24 @@ class RunView(Vertical):
 
     @staticmethod
     def _metrics(history: RunHistory) -> str:
-        lines = []
-        for split in ("validation", "test"):
-            metrics = history.latest_metrics(split)
-            if metrics:
-                lines.append(f"[b]{split}[/]")
-                lines.extend(f"  {name:<9}{value:.4f}" for name, value in metrics.items() if name != "perplexity")
-                if "perplexity" in metrics:
-                    lines.append(f"  {'ppl':<9}{metrics['perplexity']:.4g}")
-        return "\n".join(lines)
+        """The latest metrics as a small table, one column per split: validation and test side by side fit the
+        side panel of an 80x24 terminal (one block per split fell below its fold)."""
+        splits = {split: history.latest_metrics(split) for split in ("validation", "test")}
+        splits = {split: metrics for split, metrics in splits.items() if metrics}
+        if not splits:
+            return ""
+        names = list(dict.fromkeys(name for metrics in splits.values() for name in metrics))
+        names.sort(key=lambda name: name == "perplexity")  # last, as in the log
+
+        def cell(split: str, name: str) -> str:
+            value = splits[split].get(name)
+            return "–" if value is None else f"{value:.4g}" if name == "perplexity" else f"{value:.4f}"
+
+        widths = {split: max(len(split), *(len(cell(split, name)) for name in names)) for split in splits}
+        header = " ".join(f"{split:>{widths[split]}}" for split in splits)
+        rows = [" " * 10 + f"[b]{header}[/]"]
+        for name in names:
+            label = "ppl" if name == "perplexity" else name
+            values = " ".join(f"{cell(split, name):>{widths[split]}}" for split in splits)
+            rows.append(f"{label[:9]:<10}{values}")
+        return "\n".join(rows)

@@ -504,8 +504,7 @@ def _sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="sampling: the same seed gives the same answers")
 
 
-def _add_use_parsers(sub: Any) -> None:
-    """`generate`, `chat` and `export`: using what a run trained."""
+def _add_generate(sub: Subparsers) -> None:
     generate = sub.add_parser("generate", help="answer a prompt with a run's model (or the base, or both)")
     generate.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
     given = generate.add_mutually_exclusive_group(required=True)
@@ -525,11 +524,15 @@ def _add_use_parsers(sub: Any) -> None:
     generate.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     generate.set_defaults(handler=cmd_generate)
 
+
+def _add_chat(sub: Subparsers) -> None:
     chat = sub.add_parser("chat", help="talk with a run's causal LM (/base, /reset; Ctrl-D ends)")
     chat.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
     _sampling_options(chat)
     chat.set_defaults(handler=cmd_chat)
 
+
+def _add_export(sub: Subparsers) -> None:
     export = sub.add_parser("export", help="a folder plain transformers loads, checked against the run")
     export.add_argument("run_dir", help="a run directory (runs/<name>-<timestamp>)")
     export.add_argument("--out", required=True, help="a new or empty folder")
@@ -640,7 +643,9 @@ SUBCOMMAND_PARSERS = (
     _add_inspect,
     _add_data,
     _add_eval,
-    _add_use_parsers,
+    _add_generate,
+    _add_chat,
+    _add_export,
     _add_diff,
     _add_rerun,
     _add_presets,

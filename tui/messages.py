@@ -26,6 +26,26 @@ class EngineEvents(Message):
         self.sink = sink
 
 
+class AnswerEvents(Message):
+    """Generation events of the try screen are waiting in `sink` (`sink.drain()`); handled by that screen alone."""
+
+    bubble = False
+
+    def __init__(self, sink: MessageSink) -> None:
+        super().__init__()
+        self.sink = sink
+
+
+class ExportEvents(Message):
+    """Export progress events are waiting in `sink` (`sink.drain()`); handled by the export dialog alone."""
+
+    bubble = False
+
+    def __init__(self, sink: MessageSink) -> None:
+        super().__init__()
+        self.sink = sink
+
+
 class RunEnded(Message):
     """The live run's worker is done (the sink has already delivered the run's last event)."""
 
@@ -73,6 +93,30 @@ class RunsListed(Message):
     def __init__(self, folder: Path, runs: list[RunInfo]) -> None:
         super().__init__()
         self.folder, self.runs = folder, runs
+
+
+class TryLoaded(Message):
+    """The try screen's worker loaded the run (`loaded`: an `engine.inference.loading.LoadedRun`), or failed."""
+
+    def __init__(self, loaded: Any | None, error: str | None = None) -> None:
+        super().__init__()
+        self.loaded, self.error = loaded, error
+
+
+class LabelsAnswered(Message):
+    """A classifier's label probabilities for the try screen's text."""
+
+    def __init__(self, probabilities: dict[str, float]) -> None:
+        super().__init__()
+        self.probabilities = probabilities
+
+
+class ExportDone(Message):
+    """The export dialog's worker finished: `result` (an `engine.inference.export.ExportResult`), or `error`."""
+
+    def __init__(self, result: Any | None, error: str | None = None) -> None:
+        super().__init__()
+        self.result, self.error = result, error
 
 
 @dataclass(frozen=True)

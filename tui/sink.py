@@ -8,7 +8,9 @@ costs the UI one message per frame it can actually handle, never a backlog (tool
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
+from textual.message import Message
 from textual.message_pump import MessagePump
 
 from engine.events import Event
@@ -16,9 +18,13 @@ from tui.messages import EngineEvents
 
 
 class MessageSink:
-    def __init__(self, target: MessagePump, run_id: int) -> None:
+    def __init__(
+        self, target: MessagePump, run_id: int, message: Callable[[MessageSink], Message] = EngineEvents
+    ) -> None:
         self.target = target
         self.run_id = run_id
+        self.message = message
+        """The message that tells `target` events are waiting (the live run's `EngineEvents`, or a screen's own)."""
         self._lock = threading.Lock()
         self._pending: list[Event] = []
         self._posted = False
@@ -29,7 +35,7 @@ class MessageSink:
             if self._posted:
                 return
             self._posted = True
-        self.target.post_message(EngineEvents(self))
+        self.target.post_message(self.message(self))
 
     def drain(self) -> list[Event]:
         with self._lock:

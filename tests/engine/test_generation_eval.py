@@ -198,7 +198,8 @@ def test_smollm2_with_label_words_beats_its_own_zero_shot_answers(tmp_path: Path
     of the official validation file (never trained on) against the same model with the adapter off."""
     rotten = SHARED / "data" / "rotten_tomatoes"
     held_out = tmp_path / "held_out.jsonl"
-    held_out.write_text("".join((rotten / "validation.jsonl").read_text().splitlines(keepends=True)[::17][:60]))
+    rows = (rotten / "validation.jsonl").read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 in text
+    held_out.write_text("".join(f"{row}\n" for row in rows[::17][:60]), encoding="utf-8")
     data = {"train": str(rotten / "train.jsonl"), "max_train_samples": 160, "max_eval_samples": 16}
     config = {
         "model": {"id": "builtin:smollm2-135m"},

@@ -29,7 +29,7 @@ from engine.inference.loading import LoadedRun, load_run
 from engine.inference.predict import Chat, answer, label_probabilities, prompt_ids, request_rows
 from engine.sampling import GenerationSettings
 from engine.sinks import ListSink
-from tests.conftest import ROOT, quickstart_data
+from tests.conftest import ROOT, needs_smollm2, quickstart_data
 from tests.engine.test_old_runs import relocated_fixture
 
 INSTRUCTIONS = ROOT / "tests" / "fixtures" / "run-0b7cde0" / "data"
@@ -46,7 +46,8 @@ def train(
     data: dict[str, Any] | None = None,
     **settings: Any,
 ) -> Path:
-    """A finished tiny run: tiny-llama on the instruction fixture unless `model` and `data` say otherwise."""
+    """A finished tiny run: tiny-llama on the instruction fixture unless `model` and `data` say otherwise (the
+    fixture's validation rows repeat training rows: `max_leak` lets them, these tests use runs, not their scores)."""
     splits = {"train": str(INSTRUCTIONS / "train.jsonl"), "validation": str(INSTRUCTIONS / "validation.jsonl")}
     config = {
         "name": kind,
@@ -353,3 +354,21 @@ def test_export_json_contract(runs: dict[str, Path], tmp_path: Path) -> None:
     assert {"out", "same_greedy", "max_logprob_diff"} <= set(report)
     assert report["out"] == str(tmp_path / "out") and report["same_greedy"] is True
     assert 0 <= report["max_logprob_diff"] <= 1e-3
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_a_smollm2_lora_run_exports_a_folder_plain_transformers_answers_the_same_from(tmp_path: Path) -> None:
+    splits = {"train": str(INSTRUCTIONS / "train.jsonl"), "validation": str(INSTRUCTIONS / "validation.jsonl")}
+    data = splits | {"template": "chat", "max_length": 96, "max_train_samples": 8, "max_eval_samples": 2}
+    data["max_leak"] = 1.0
+    run_dir = train(tmp_path, "lora", model="builtin:smollm2-135m", data=data, max_steps=3, batch_size=4, lr=1e-3)
+    loaded = load_run(run_dir)
+    expected = [reply.text for reply in answer(loaded, ROWS, GREEDY)]
+    result = export_run(run_dir, tmp_path / "export")
+    assert (result.same_greedy, result.merged, result.published) == (True, True, True)
+    prompts = [prompt_ids(loaded.config.data, loaded.tokenizer, row) for row in ROWS]
+    plainly = plain_transformers(tmp_path / "export", prompts, tmp_path)
+    assert plainly["chat_template"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert [tokenizer.decode(ids, skip_special_tokens=True) for ids in plainly["answers"]] == expected

@@ -129,7 +129,7 @@ async def test_the_footer_shows_whole_keys_only_and_follows_the_width(tmp_path) 
         await app.workers.wait_for_complete()
         await pilot.pause()
         footer = screen_text(app).splitlines()[-1]
-        assert footer.startswith("space Mark c Compare d Diff R Resume s Stop a Attach ? Help ^r Start")
+        assert footer.startswith("space Mark c Compare d Diff R Resume s Stop a Attach t Try ? Help")
         assert footer.rstrip().endswith("▏^p palette") and "^t" not in footer  # no `^t Bac`, nothing after it
         await pilot.resize_terminal(120, 24)
         await pilot.pause()

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from textual.widgets import Input
 
+from tests.engine.test_old_runs import relocated_fixture
 from tests.tui.conftest import FIXED_TIME, make_app, quickstart, write_run
 from tui.form import with_value
 from tui.screens.dialogs import ConfirmScreen
@@ -145,3 +147,20 @@ def test_preset_picker_at_80x24(snap_compare) -> None:  # type: ignore[no-untype
         await pilot.pause()
 
     assert snap_compare(make_app(), terminal_size=NARROW, run_before=pick)
+
+
+def test_try_screen_at_80x24_with_the_base_model_beside(snap_compare, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A stopped LoRA run (its last checkpoint, and a note saying so), both panes, a prompt typed in."""
+    monkeypatch.chdir(tmp_path)
+    relocated_fixture(tmp_path)
+
+    async def open_try(pilot) -> None:  # type: ignore[no-untyped-def]
+        await pilot.press("f4")
+        await settle(pilot)
+        await pilot.press("t")
+        await settle(pilot)  # the run is loaded
+        await pilot.press("ctrl+b")
+        pilot.app.screen.query_one(Input).value = "Repeat the word river 3 times."
+        await pilot.pause()
+
+    assert snap_compare(make_app(runs_dir=Path("runs")), terminal_size=NARROW, run_before=open_try)

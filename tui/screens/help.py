@@ -49,6 +49,7 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("ctrl+r / ctrl+t", "start / start in the background"),
             ("s", "stop (asks; stops at the next step and saves a checkpoint)"),
+            ("t", "try the run just finished: prompt it, see its answers beside the base model's"),
         ),
     ),
     (
@@ -60,8 +61,18 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
             ("R (shift+r)", "resume a stopped, failed or interrupted run from its last checkpoint"),
             ("s", "stop a running run, whatever process trains it (asks first)"),
             ("a", "attach: follow a running run on the training screen (like `finetui attach`)"),
+            ("t", "try a run (its model, or a stopped run's last checkpoint)"),
+            ("e", "export a run: a merged folder plain transformers loads, checked first (`finetui export`)"),
             ("r", "refresh the list"),
             ("escape", "back from a run or a comparison"),
+        ),
+    ),
+    (
+        "try (t)",
+        (
+            ("enter", "answer the prompt, streamed (a classifier: its label probabilities)"),
+            ("ctrl+b", "the base model's answer beside the fine-tuned one's, with tokens/s"),
+            ("escape", "stop the answer being generated; again: back"),
         ),
     ),
 )

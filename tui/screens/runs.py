@@ -3,7 +3,8 @@
 Runs are read back from their folders (`engine.runs.list_runs`, `EventFollower`), never from memory, so a
 run started by `finetui run` in another shell, or by an app whose SSH session dropped, shows the same way,
 and one still being written is followed as it grows (and again when it is resumed). A run that another
-process trains can be stopped from here (`engine.launch.follow.request_stop`) or followed on the training screen.
+process trains can be stopped from here (`engine.launch.follow.request_stop`) or followed on the training screen;
+any run with a model or a checkpoint can be tried (`tui.screens.try_run`) or exported (`tui.screens.export`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from tui.history import TERMINAL, RunHistory, best_metric
 from tui.messages import RunsListed
 from tui.screens.base import MainScreen
 from tui.screens.diff import DiffScreen
+from tui.screens.export import ExportScreen
+from tui.screens.try_run import TryScreen
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.run_view import LossChart, RunView, series_of
 from tui.widgets.steady_footer import SteadyFooter
@@ -111,6 +114,8 @@ class RunsScreen(MainScreen):
         Binding("R", "resume", "Resume"),
         Binding("s", "stop", "Stop"),
         Binding("a", "attach", "Attach"),
+        Binding("t", "try", "Try"),
+        Binding("e", "export", "Export", show=False),  # in the help; the footer keeps ? Help at 80 columns
         Binding("r", "refresh", "Refresh", show=False),
     ]
 
@@ -220,6 +225,16 @@ class RunsScreen(MainScreen):
         if run is not None:
             self.finetui.attach_run(run.path)
 
+    def action_try(self) -> None:
+        run = self._current()
+        if run is not None:
+            self.app.push_screen(TryScreen(run.path))
+
+    def action_export(self) -> None:
+        run = self._current()
+        if run is not None:
+            self.app.push_screen(ExportScreen(run.path))
+
     def action_mark(self) -> None:
         run = self._current()
         if run is None:
@@ -277,6 +292,7 @@ class RunDetailScreen(Screen[None]):
         Binding("s", "stop", "Stop"),
         Binding("a", "attach", "Attach"),
         Binding("g", "samples", "Samples"),
+        Binding("t", "try", "Try"),
     ]
 
     def __init__(self, path: Path) -> None:
@@ -323,6 +339,9 @@ class RunDetailScreen(Screen[None]):
             self.notify("this run has no sample answers (train.sample_prompts)", severity="warning")
             return
         self.app.push_screen(SamplesScreen(self.run.history))
+
+    def action_try(self) -> None:
+        self.app.push_screen(TryScreen(self.run.path))
 
 
 def samples_by_prompt(history: RunHistory, width: int = 76) -> str:

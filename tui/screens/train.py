@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar
 
 from textual.app import ComposeResult
@@ -13,6 +14,7 @@ from engine.events import Event
 from tui.form import effective_value
 from tui.history import RunHistory
 from tui.screens.base import MainScreen
+from tui.screens.try_run import TryScreen
 from tui.widgets.mode_bar import ModeBar
 from tui.widgets.run_view import RunView
 from tui.widgets.steady_footer import SteadyFooter
@@ -22,6 +24,7 @@ class TrainScreen(MainScreen):
     MODE = "train"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "app.stop_run", "Stop"),
+        Binding("t", "try", "Try"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -65,6 +68,14 @@ class TrainScreen(MainScreen):
         view = self.query_one(RunView)
         view.display = True
         view.show(history)
+
+    def action_try(self) -> None:
+        """Try the run just finished (or stopped with a checkpoint) on the try screen."""
+        history = self.finetui.session.history
+        if history is None or history.run_dir is None or history.status not in ("finished", "stopped"):
+            self.notify("no finished run to try yet (F4 lists earlier runs: t tries one)", severity="warning")
+            return
+        self.app.push_screen(TryScreen(Path(history.run_dir)))
 
     def events_applied(self, events: Sequence[Event]) -> None:
         history = self.finetui.session.history

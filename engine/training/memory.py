@@ -111,8 +111,8 @@ class MemoryMeter:
 
     def host_peak(self) -> int:
         """Peak resident memory above the baseline."""
-        if self._sampler is not None:
-            peak = max(self._sampled_peak, psutil.Process().memory_info().rss)
+        if self._sampler is not None:  # a reading is kept, so a later peak is never below an earlier one
+            self._sampled_peak = peak = max(self._sampled_peak, psutil.Process().memory_info().rss)
         else:
             peak = 1024 * (_status_kib("VmHWM") or 0)
         return max(0, peak - self._baseline)

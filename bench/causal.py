@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `engine` from this checkout
+
+from run_bench import Child, machine, run_child  # noqa: E402  (bench/ is the script's folder on sys.path)
+
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca_5000" / "alpaca_5000.json"
 MODEL = "builtin:smollm2-135m"
 STRATEGIES = ("lora", "qlora")
@@ -67,18 +68,6 @@ PROFILE_TOP = 8
 
 
 @dataclass
-class Child:
-    """One child process: its stdout, wall time, peak RSS (wait4) and launch time."""
-
-    started: float
-    wall_s: float
-    peak_rss_mb: float
-    stdout: str
-    returncode: int
-    stderr_file: Path
-
-
-@dataclass
 class Measured:
     """One training run of one side."""
 
@@ -94,29 +83,6 @@ class Measured:
     gpu_peak_mb: float | None = None
     gpu_estimate_mb: float | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def run_child(
-    command: list[str], env: dict[str, str], log_dir: Path, name: str, *, kill_after_first_step: bool = False
-) -> Child:
-    """Run a command to completion (or, with `kill_after_first_step`, until it prints its first step event)."""
-    stderr_file = log_dir / f"{name}.stderr"
-    started = time.time()
-    lines: list[str] = []
-    with stderr_file.open("w") as stderr:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            if kill_after_first_step and line.startswith('{"type": "step"'):
-                process.send_signal(signal.SIGKILL)
-                break
-        process.stdout.close()
-        _, status, usage = os.wait4(process.pid, 0)
-    returncode = os.waitstatus_to_exitcode(status)
-    if kill_after_first_step and returncode == -signal.SIGKILL:
-        returncode = 0
-    return Child(started, time.time() - started, usage.ru_maxrss / 1024, "".join(lines), returncode, stderr_file)
 
 
 def write_subsets(folder: Path, n_train: int, n_validation: int) -> tuple[Path, Path]:
@@ -420,20 +386,6 @@ def run_profile(side: str, strategy: str, train: Path, env: dict[str, str], work
 
 
 # --- report ---------------------------------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    cores = len(os.sched_getaffinity(0))
-    return f"{cpu}, {cores} cores{gpu}, torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def uptime() -> str:

@@ -20,6 +20,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,17 +73,27 @@ class Measured:
     notes: list[str] = field(default_factory=list)
 
 
-def run_child(command: list[str], env: dict[str, str], log_dir: Path, name: str) -> Child:
-    """Run a command to completion; its own peak RSS comes from wait4 (that child and its children)."""
+def run_child(
+    command: list[str], env: dict[str, str], log_dir: Path, name: str, *, kill_after_first_step: bool = False
+) -> Child:
+    """Run a command to completion (or, with `kill_after_first_step`, until it prints its first step event)."""
     stderr_file = log_dir / f"{name}.stderr"
     started = time.time()
+    lines: list[str] = []
     with stderr_file.open("w") as stderr:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         assert process.stdout is not None
-        stdout = process.stdout.read()
+        for line in process.stdout:
+            lines.append(line)
+            if kill_after_first_step and line.startswith('{"type": "step"'):
+                process.send_signal(signal.SIGKILL)
+                break
+        process.stdout.close()
         _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return Child(started, time.time() - started, usage.ru_maxrss / 1024, stdout, process.returncode, stderr_file)
+    returncode = os.waitstatus_to_exitcode(status)
+    if kill_after_first_step and returncode == -signal.SIGKILL:
+        returncode = 0
+    return Child(started, time.time() - started, usage.ru_maxrss / 1024, "".join(lines), returncode, stderr_file)
 
 
 def matmul_peak_gflops() -> float:
@@ -255,8 +266,9 @@ def machine() -> str:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     cores = len(os.sched_getaffinity(0))
-    return f"{cpu}, {cores} cores, torch {torch.__version__}, transformers {transformers.__version__}"
+    return f"{cpu}, {cores} cores{gpu}, torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:

@@ -616,6 +616,7 @@ def test_lines_format_reads_trec_and_label_text_lines(tmp_path: Path) -> None:
     assert_one_line(mismatch, "line 2 does not match data.line_pattern", "'nolabel'")
 
 
+@needs_shared
 def test_real_trec_file_reads_as_lines_in_latin_1() -> None:
     source = str(SHARED_DATA / "trec" / "TREC.train")
     cfg = DataConfig(train=source, format="lines", line_pattern=r"^(?P<label>[^:]+):\S+ (?P<text>.+)$")

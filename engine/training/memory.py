@@ -76,15 +76,15 @@ class MemoryMeter:
         self.device = device
         self._baseline = 0
         self._cuda_baseline: list[tuple[int, int]] = []  # (allocated, reserved) per device
-        self._sampled_peak = 0
+        self._peak = 0
+        self._peak_lock = threading.Lock()  # the sampler thread and host_peak() both raise it
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
 
     def start(self) -> None:
         _release_free_heap()
-        self._baseline = psutil.Process().memory_info().rss
+        self._baseline = self._peak = psutil.Process().memory_info().rss
         if not self._reset_kernel_peak():
-            self._sampled_peak = self._baseline
             self._sampler = threading.Thread(target=self._sample, name="finetui-memory", daemon=True)
             self._sampler.start()
         if self.device == "cuda":
@@ -104,18 +104,24 @@ class MemoryMeter:
     def _sample(self) -> None:
         process = psutil.Process()
         while not self._stop.wait(_SAMPLE_S):
-            self._sampled_peak = max(self._sampled_peak, process.memory_info().rss)
+            self._raise_peak(process.memory_info().rss)
+
+    def _raise_peak(self, rss: int) -> int:
+        with self._peak_lock:
+            self._peak = max(self._peak, rss)
+            return self._peak
 
     def stop(self) -> None:
         self._stop.set()
 
     def host_peak(self) -> int:
         """Peak resident memory above the baseline."""
-        if self._sampler is not None:  # a reading is kept, so a later peak is never below an earlier one
-            self._sampled_peak = peak = max(self._sampled_peak, psutil.Process().memory_info().rss)
+        if self._sampler is not None:
+            reading = psutil.Process().memory_info().rss
         else:
-            peak = 1024 * (_status_kib("VmHWM") or 0)
-        return max(0, peak - self._baseline)
+            reading = 1024 * (_status_kib("VmHWM") or 0)
+        # every reading is kept: the kernel's VmHWM can read a few pages lower later (its RSS counters are lazy)
+        return max(0, self._raise_peak(reading) - self._baseline)
 
     def peak(self) -> MemoryPeak:
         host = self.host_peak()

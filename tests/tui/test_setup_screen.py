@@ -187,7 +187,7 @@ async def test_the_data_report_follows_the_setup_and_puts_findings_beside_their_
 
         screen.query_one("#f-data-max_length", Input).value = "128"  # a change: the report follows
         await wait_for(pilot, lambda: "(max_length 128)" in plain(report.query_one("#report-status", Label)))
-        assert not screen.query_one("#warn-f-data-max_length", Label).display
+        await wait_for(pilot, lambda: not screen.query_one("#warn-f-data-max_length", Label).display)
 
 
 async def test_the_data_report_shows_a_causal_example_with_its_loss_tokens(tmp_path: Path) -> None:

@@ -13,9 +13,10 @@ import pytest
 from textual.widgets import Input
 
 from tests.engine.test_old_runs import relocated_fixture
-from tests.tui.conftest import FIXED_TIME, make_app, quickstart, write_run
+from tests.tui.conftest import FIXED_TIME, make_app, quickstart, wait_for, write_run
 from tui.form import with_value
 from tui.screens.dialogs import ConfirmScreen
+from tui.widgets.data_report import DataReportView
 
 SIZE = (120, 34)
 NARROW = (80, 24)
@@ -23,7 +24,11 @@ SIZES = pytest.mark.parametrize("size", [SIZE, NARROW], ids=["120x34", "80x24"])
 
 
 async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
+    """Workers done and their results shown: a data report's findings change the setup screen's layout."""
     await pilot.app.workers.wait_for_complete()
+    reports = pilot.app.screen.query(DataReportView)
+    await wait_for(pilot, lambda: all(report.pending_key is None for report in reports))
+    await pilot.pause()
     await pilot.pause()
 
 
@@ -51,7 +56,9 @@ def test_setup_screen_at_80x24_with_an_invalid_field(snap_compare) -> None:  # t
 
     async def focus_lr(pilot) -> None:  # type: ignore[no-untyped-def]
         await settle(pilot)
-        pilot.app.screen.query_one("#f-train-lr").focus()
+        learning_rate = pilot.app.screen.query_one("#f-train-lr")
+        learning_rate.focus(scroll_visible=False)  # focus scrolls later, sometimes after the snapshot
+        learning_rate.scroll_visible(animate=False)
         await pilot.pause()
 
     assert snap_compare(make_app(setup), terminal_size=(80, 24), run_before=focus_lr)

@@ -273,6 +273,11 @@ class TrainConfig(_Section):
     """Causal runs: at each evaluation, answer the validation rows (`data.max_eval_samples` of them) and score the
     answers as `finetui eval --generate` does (`auto`: the metric the references call for); the validation
     metric `generation_<metric>` is plotted beside the validation loss."""
+    metric_for_best_model: str | None = None
+    """Keep the checkpoint with the best value of this validation metric and end the run with it, so that the
+    saved model is the best one rather than the last: `loss` (lower is better), `accuracy` or `f1` (classifiers),
+    or `generation_<metric>` (causal runs with `train.generation_metric`). Evaluations and checkpoints must then
+    follow one schedule (`eval_steps` = `save_steps`, or both per epoch)."""
     generation_max_new_tokens: int = Field(default=64, ge=1)
     """The most tokens of each answer generated during training (label-word runs: the longest word's and 8 more)."""
     output_dir: str = "runs"
@@ -325,6 +330,27 @@ class TrainConfig(_Section):
             raise ValueError("train.fsdp: FSDP and DeepSpeed both shard the model; set one of fsdp and deepspeed")
         return self
 
+    @model_validator(mode="after")
+    def _best_model_metric_is_measured(self) -> TrainConfig:
+        metric = self.metric_for_best_model
+        if metric is None:
+            return self
+        generation = metric.removeprefix("generation_") if metric.startswith("generation_") else None
+        if generation is None and metric not in ("loss", "accuracy", "f1"):
+            raise ValueError(
+                f"train.metric_for_best_model: {metric!r} is not a validation metric; use loss, accuracy, f1 or "
+                "generation_<metric> (with train.generation_metric)"
+            )
+        if generation is not None and self.generation_metric not in (generation, "auto"):
+            wanted = f"train.generation_metric = {generation!r}"
+            raise ValueError(f"train.metric_for_best_model: {metric} is computed only with {wanted}")
+        if self.eval_steps != self.save_steps:
+            raise ValueError(
+                "train.metric_for_best_model: evaluations and checkpoints must follow one schedule; "
+                "set train.save_steps equal to train.eval_steps"
+            )
+        return self
+
 
 class RunConfig(_Section):
     name: str = "run"
@@ -347,6 +373,11 @@ class RunConfig(_Section):
     def _strategy_fits_task(self) -> RunConfig:
         if self.strategy.kind == "feature" and self.model.task == "causal":
             raise ValueError("strategy.kind: feature needs model.task = classification")
+        if self.model.task == "causal" and self.train.metric_for_best_model in ("accuracy", "f1"):
+            raise ValueError(
+                f"train.metric_for_best_model: a causal run has no {self.train.metric_for_best_model}; use loss "
+                "or generation_<metric>"
+            )
         return self
 
     def with_task(self, task: str) -> RunConfig:

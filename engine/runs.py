@@ -116,11 +116,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def rotate_checkpoints(run_dir: Path, keep: int | None) -> None:
-    """Delete all but the last `keep` checkpoints (renamed aside first, so none is ever seen half-deleted)."""
+def rotate_checkpoints(run_dir: Path, keep: int | None, best: Path | None = None) -> None:
+    """Delete all but the last `keep` checkpoints and the `best` one (renamed aside first, so none is ever seen
+    half-deleted)."""
     if not keep:
         return
     for old in complete_checkpoints(run_dir)[:-keep]:
+        if best is not None and old.name == best.name:
+            continue
         trash = old.parent / f".trash-{old.name}"
         os.replace(old, trash)
         shutil.rmtree(trash, ignore_errors=True)

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from engine import data as data_lib
 from engine import generation_metrics as gm
-from engine.config import RunConfig
+from engine.config import ConfigError, RunConfig
 from engine.data import EncodedData
 from engine.events import Samples
 from engine.generation import end_token_ids, generate
@@ -60,6 +60,12 @@ def generation_probe(
         answered = [index for index, (_, reference) in enumerate(parts) if reference.strip()]
         references = [parts[index][1] for index in answered]
         metric = gm.default_metric(references) if train.generation_metric == "auto" else train.generation_metric
+        best = train.metric_for_best_model or ""
+        if best.startswith(gm.METRIC_PREFIX) and best != f"{gm.METRIC_PREFIX}{metric}":
+            raise ConfigError(
+                f"train.metric_for_best_model: {best}, but train.generation_metric = 'auto' picks {metric} for "
+                f"this data; name {gm.METRIC_PREFIX}{metric} or set train.generation_metric"
+            )
         prompts = [data_lib.prompt_token_ids(cfg, tokenizer, rows[index]) for index in answered]
     new_tokens = data_lib.label_word_new_tokens(cfg, tokenizer) if cfg.label_words else train.generation_max_new_tokens
     settings = GenerationSettings(max_new_tokens=new_tokens)

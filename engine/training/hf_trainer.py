@@ -177,17 +177,20 @@ def training_arguments(config: RunConfig, output_dir: Path, *, device: str, prec
     save_per = "steps" if train.save_steps else "epoch"
     # Across processes the Trainer scales each rank's loss by the process count, right for losses that divide by
     # the global token count (causal LMs), twice too large for classifiers, whose loss is a per-batch mean.
-    parallel: dict[str, Any] = {"average_tokens_across_devices": config.model.task == "causal"}
+    options: dict[str, Any] = {"average_tokens_across_devices": config.model.task == "causal"}
     if world_size() > 1 and device == "cpu":
-        parallel["ddp_backend"] = "gloo"
+        options["ddp_backend"] = "gloo"
     if train.fsdp:  # FSDP2 through fsdp_config (the option string is deprecated in transformers 5)
         words = train.fsdp.split()
         sharded = {"reshard_after_forward": "shard_grad_op" not in words, "cpu_offload": "offload" in words}
-        parallel.update(fsdp=True, fsdp_config=sharded)
+        options.update(fsdp=True, fsdp_config=sharded)
     if train.deepspeed:
-        parallel["deepspeed"] = train.deepspeed
+        options["deepspeed"] = train.deepspeed
     if train.optim != "auto":
-        parallel["optim"] = _optimizer_name(train.optim, device)
+        options["optim"] = _optimizer_name(train.optim, device)
+    if train.metric_for_best_model:
+        best = train.metric_for_best_model
+        options.update(metric_for_best_model=best, greater_is_better=best != "loss", load_best_model_at_end=True)
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=train.batch_size,
@@ -222,7 +225,7 @@ def training_arguments(config: RunConfig, output_dir: Path, *, device: str, prec
         # GPU: collate in worker processes while the GPU computes; CPU: every core computes, collation is cheap.
         dataloader_num_workers=min(4, threads_per_process() // 2) if device == "cuda" else 0,
         tf32=True if device == "cuda" and is_torch_tf32_available() else None,  # Ampere+: fp32 matmuls on tensor cores
-        **parallel,
+        **options,
     )
 
 
@@ -322,6 +325,15 @@ class FinetuiTrainer(Trainer):
             if parameter.requires_grad and not bool(torch.isfinite(parameter).all()):
                 raise NonFiniteLoss(self.state.global_step, float("nan"), what="weights")
 
+    def _best_checkpoint(self, final_root: Path) -> Path | None:
+        """With `train.metric_for_best_model`: the best checkpoint so far. The Trainer recorded it where it was
+        written (the staging folder); it lives in `final_root`."""
+        if not self.state.best_global_step:
+            return None
+        best = final_root / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+        self.state.best_model_checkpoint = str(best)
+        return best
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         self._check_weights_finite()  # never replace a good checkpoint by a diverged one
         final_root = Path(super()._get_output_dir(trial))
@@ -339,14 +351,17 @@ class FinetuiTrainer(Trainer):
             self._staging_root = None
         if distributed:
             self.accelerator.wait_for_everyone()
+        best = self._best_checkpoint(final_root)
         if main:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             staged = staging_root / name
             (staged / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+            if best is not None:  # the state as a resumed run reads it, with the best checkpoint's final path
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
             fsync_tree(staged)
             replace_dir(staged, final_root / name)
             shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(final_root.parent, self.args.save_total_limit)
+            rotate_checkpoints(final_root.parent, self.args.save_total_limit, best=best)
         if distributed:
             self.accelerator.wait_for_everyone()
 

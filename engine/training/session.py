@@ -354,6 +354,7 @@ class RunSession:
         )
         if bridge.stopped_at is not None:
             raise StopRequested
+        self._record_best(trainer.state)
         last = latest_checkpoint(self.run_dir)
         if last is None or checkpoint_step(last) != trainer.state.global_step:
             trainer._save_checkpoint(trainer.model, trial=None)  # evaluation and saving can resume from here
@@ -367,14 +368,24 @@ class RunSession:
 
         return metrics, write_model
 
+    def _record_best(self, state: TrainerState) -> None:
+        """With `train.metric_for_best_model`, the model the run ends with is its best checkpoint's: say which."""
+        metric = self.config.train.metric_for_best_model
+        if metric is None or not state.best_global_step:
+            return
+        self.summary["best"] = {"metric": metric, "value": state.best_metric, "step": state.best_global_step}
+        best = f"step {state.best_global_step}'s (best {metric} {state.best_metric:.4g})"
+        self._log("info", f"the run ends with the model of {best}")
+
     def _fit(self, trainer: FinetuiTrainer) -> tuple[float, float]:
         """trainer.train() from the session's checkpoint; (runtime s, samples/s) of the training."""
         checkpoint = self.checkpoint
         if checkpoint is not None and training_done(checkpoint):
             # Killed after the last step (while evaluating or saving): HF Trainer would run one step too
             # many when resumed at max_steps in mid-epoch, so load the final weights and go on from there.
-            trainer._load_from_checkpoint(str(checkpoint))
             trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+            best = trainer.state.best_model_checkpoint if self.config.train.metric_for_best_model else None
+            trainer._load_from_checkpoint(best if best and Path(best).is_dir() else str(checkpoint))
             previous = self.previous
             return float(previous.get("train_runtime_s") or 0.0), float(previous.get("train_samples_per_second") or 0.0)
         self.in_training = True

@@ -76,6 +76,10 @@ def test_overrides_reach_every_section() -> None:
         (["strategy.kind=feature", "model.task=causal"], "feature needs model.task = classification"),
         (["train"], "expected section.key=value"),
         (["train.lr.x=1"], "lr is not a section"),
+        (["train.metric_for_best_model=bleu"], "train.metric_for_best_model: 'bleu' is not a validation metric"),
+        (["train.metric_for_best_model=loss", "train.eval_steps=5"], "set train.save_steps equal to train.eval_steps"),
+        (["train.metric_for_best_model=generation_exact"], "generation_exact is computed only with"),
+        (["model.task=causal", "train.metric_for_best_model=f1"], "a causal run has no f1; use loss"),
     ],
 )
 def test_bad_values_are_one_line_naming_the_field(overrides: list[str], message: str) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import tomli_w
+import torch
+from safetensors.torch import load_file
 
 from engine.api import run_training
 from engine.config import ConfigError, build_config, config_to_dict
@@ -17,7 +19,7 @@ from engine.data import label_word_new_tokens
 from engine.events import Eval, Samples
 from engine.inference import generation_eval as ge
 from engine.inference.loading import load_run
-from engine.runs import load_run_config
+from engine.runs import checkpoint_step, complete_checkpoints, load_run_config
 from engine.sampling import GenerationSettings
 from engine.sinks import ListSink
 from tests.conftest import QUICKSTART_DATA, ROOT, SHARED, needs_shared, needs_smollm2, quickstart_data
@@ -170,6 +172,36 @@ def test_samples_and_the_generation_metric_at_each_evaluation(tmp_path: Path) ->
     assert [e for e in stored if e["type"] == "samples"] == [s.to_dict() for s in samples]
     order = [event.type for event in sink.events if isinstance(event, Samples | Eval)]
     assert order[:3] == ["samples", "samples", "eval"]  # an evaluation's samples come before its eval event
+
+
+def test_metric_for_best_model_keeps_the_best_checkpoint_and_ends_with_its_model(tmp_path: Path) -> None:
+    splits = {"train": str(INSTRUCTIONS / "train.jsonl"), "validation": str(INSTRUCTIONS / "validation.jsonl")}
+    steps = {"max_steps": 4, "eval_steps": 1, "save_steps": 1, "batch_size": 8, "lr": 5e-3, "output_dir": str(tmp_path)}
+    config = {
+        "model": {"id": "builtin:tiny-llama"},
+        "data": splits | {"max_length": 256, "max_train_samples": 16, "max_eval_samples": 4, "max_leak": 1.0},
+        "strategy": {"kind": "lora"},
+        "train": steps
+        | {"generation_metric": "exact", "generation_max_new_tokens": 4}
+        | {"metric_for_best_model": "generation_exact"},
+    }
+    sink = ListSink()
+    result = run_training(build_config(config), sink)
+    assert result.status == "finished", result.summary
+    scores = [
+        (e.step, e.metrics["generation_exact"]) for e in sink.events if isinstance(e, Eval) and e.split == "validation"
+    ]
+    assert [step for step, _ in scores][:4] == [1, 2, 3, 4]
+    best_score = max(score for _, score in scores[:4])
+    best_step = next(step for step, score in scores if score == best_score)  # the first of equals stays best
+    assert result.summary["best"] == {"metric": "generation_exact", "value": best_score, "step": best_step}
+    kept = sorted(checkpoint_step(path) for path in complete_checkpoints(result.run_dir))
+    assert kept == sorted({best_step, 3, 4})  # save_total_limit 2, and the best one
+    final = load_file(str(result.run_dir / "model" / "adapter_model.safetensors"))
+    for step in kept:
+        saved = load_file(str(result.run_dir / "checkpoints" / f"checkpoint-{step}" / "adapter_model.safetensors"))
+        same = all(torch.equal(final[name], saved[name]) for name in final)
+        assert same == (step == best_step), step
 
 
 def test_validation_rows_as_sample_prompts_of_a_label_word_run(tmp_path: Path) -> None:

@@ -373,6 +373,11 @@ class RunConfig(_Section):
     def _strategy_fits_task(self) -> RunConfig:
         if self.strategy.kind == "feature" and self.model.task == "causal":
             raise ValueError("strategy.kind: feature needs model.task = classification")
+        if self.strategy.kind == "feature" and self.train.metric_for_best_model is not None:
+            raise ValueError(
+                "train.metric_for_best_model: the feature strategy fits its classifier once and keeps no checkpoints; "
+                "leave it unset"
+            )
         if self.model.task == "causal" and self.train.metric_for_best_model in ("accuracy", "f1"):
             raise ValueError(
                 f"train.metric_for_best_model: a causal run has no {self.train.metric_for_best_model}; use loss "

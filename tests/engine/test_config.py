@@ -80,6 +80,7 @@ def test_overrides_reach_every_section() -> None:
         (["train.metric_for_best_model=loss", "train.eval_steps=5"], "set train.save_steps equal to train.eval_steps"),
         (["train.metric_for_best_model=generation_exact"], "generation_exact is computed only with"),
         (["model.task=causal", "train.metric_for_best_model=f1"], "a causal run has no f1; use loss"),
+        (["strategy.kind=feature", "train.metric_for_best_model=f1"], "the feature strategy fits its classifier once"),
     ],
 )
 def test_bad_values_are_one_line_naming_the_field(overrides: list[str], message: str) -> None:

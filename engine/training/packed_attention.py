@@ -15,7 +15,6 @@ implementation never changes what it computes.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -46,13 +45,12 @@ def packed_sdpa_attention(
     )
     if not packed:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    edges = bounds.tolist()
+    # `split` rather than slicing: its backward is one concatenation, not a zero-filled row per example.
+    lengths = torch.diff(bounds).tolist()
     parts = [
-        sdpa_attention_forward(
-            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, **kwargs
-        )[0]
-        for start, end in itertools.pairwise(edges)
-        if end > start
+        sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2), strict=True)
+        if q.shape[2]
     ]
     return torch.cat(parts, dim=1), None
 

@@ -350,7 +350,7 @@ def _profile_setup(side: str, strategy: str, train: Path) -> tuple[Any, list[Any
     from engine.data import prepare_data
     from engine.models import load_tokenizer
     from engine.strategies import get_strategy
-    from engine.training.packed_attention import use_packed_attention
+    from engine.training.session import use_fast_training_paths
 
     settings = {**FINETUI_SETTINGS, **FINETUI_SPEED, "data.train": str(train), "data.validation": str(train)}
     settings.update({"model.id": MODEL, "strategy.kind": strategy})
@@ -365,8 +365,7 @@ def _profile_setup(side: str, strategy: str, train: Path) -> tuple[Any, list[Any
         config.model, num_labels=None, label_names=None, device=device, precision=precision
     )
     model = strategy_impl.prepare(model)
-    if config.data.packing:
-        use_packed_attention(model)  # as engine.training.session does
+    use_fast_training_paths(model, config, device)
     return model, [lambda g=g: prepared.collator(list(g)) for g in groups]
 
 

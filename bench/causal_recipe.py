@@ -14,6 +14,9 @@ On a CPU it trains in fp32 (4-bit compute dtype fp32: bf16 matmuls are ~300x slo
 Validation: the same token ids and labels as finetui's `data.template = "none"` (text + eos, loss on every token),
 evaluated by the Trainer with the same batch size, so that both sides report the same quantity.
 
+`--group-by-length` swaps the random order for the Trainer's length-grouped one (finetui's order): a control that
+tells what the order alone does to the validation loss of a short run.
+
 Run by `bench/causal.py` (one JSON object on stdout); not a test and not part of the package.
 """
 
@@ -110,6 +113,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, required=True)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument(
+        "--group-by-length", action="store_true", help="the Trainer's length-grouped order (a control, not the recipe)"
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     torch.manual_seed(args.seed)
@@ -135,6 +141,7 @@ def main() -> None:
         bf16=cuda,
         use_cpu=not cuda,
         seed=args.seed,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
     )
     collator = LabelsFromMask(tokenizer, mlm=False)
     trainer = Trainer(

@@ -1,11 +1,12 @@
 """Adapter dropout on CPUs at a third of the cost of `nn.Dropout`, with the same distribution.
 
 On a CPU, `nn.Dropout` draws its mask with `bernoulli_`, one random number per element through a serial kernel:
-for LoRA r=64 with dropout 0.1 on SmolLM2-135M that was 8 % of a training step (bench/CAUSAL.md), as much as the
-attention. `BitDropout` draws 64 random bits at a time from the same torch generator and keeps an element when
-its 32-bit share is at or above `p * 2**32`, then scales by `1 / (1 - p)`: the keep probability is `1 - p` to
-within 2**-32 (finer than `torch.rand`'s float32). Checkpoints hold the generator's state as before, so a resumed
-run draws the same masks as an uninterrupted one. On other devices and in evaluation it is `nn.Dropout`.
+for LoRA r=64 with dropout 0.1 on SmolLM2-135M it is 8 % of a training step (the recipe's profile in
+bench/CAUSAL.md), as much as the attention. `BitDropout` draws 64 random bits at a time from the same torch
+generator and keeps an element when its 32-bit share is at or above `p * 2**32`, then scales by `1 / (1 - p)`: the
+keep probability is `1 - p` to within 2**-32 (finer than `torch.rand`'s float32). Checkpoints hold the generator's
+state as before, so a resumed run draws the same masks as an uninterrupted one. On other devices and in evaluation
+it is `nn.Dropout`.
 """
 
 from __future__ import annotations

@@ -171,6 +171,9 @@ class RunSession:
         if self.resumed_from is not None:
             resumes = int(self.previous.get("resumes", 0)) + 1
             self.summary.update(resumed_from_step=self.resumed_from, resumes=resumes)
+        # a checkpoint resumes with the dropout masks it trained with (runs older than BitDropout used torch's)
+        resuming = self.checkpoint is not None
+        self.summary["cpu_dropout"] = self.previous.get("cpu_dropout", "torch") if resuming else "bits"
 
     def run(self) -> RunResult:
         try:
@@ -281,7 +284,7 @@ class RunSession:
         )
         self.library_logs.restoring_from = None
         model = self.model = strategy.prepare(model)
-        use_fast_training_paths(model, config, self.device)
+        use_fast_training_paths(model, config, self.device, bit_dropout=self.summary["cpu_dropout"] == "bits")
         self._announce_freeze_map(model, prepared, num_labels, strategy)
         self._check_stop()
         return _Loaded(strategy, tokenizer, prepared, model)
@@ -503,11 +506,12 @@ def _was_started(run_dir: Path) -> bool:
         return False
 
 
-def use_fast_training_paths(model: torch.nn.Module, config: RunConfig, device: str) -> None:
+def use_fast_training_paths(model: torch.nn.Module, config: RunConfig, device: str, bit_dropout: bool = True) -> None:
     """The same function, computed faster: packed examples attend alone (`data.packing`), and adapter dropout on
-    a CPU draws cheaper masks. `bench/causal.py` profiles the model as this leaves it."""
+    a CPU draws cheaper masks (`bit_dropout`: a run resumed from a checkpoint keeps the masks it began with).
+    `bench/causal.py` profiles the model as this leaves it."""
     if config.data.packing:
         data_lib.check_packing(getattr(model.config, "model_type", ""))
         packed_attention.use_packed_attention(model)
-    if device == "cpu":
+    if device == "cpu" and bit_dropout:
         cpu_dropout.use_bit_dropout(model)

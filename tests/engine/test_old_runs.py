@@ -17,6 +17,7 @@ from engine.api import resume_training, run_training
 from engine.events import RunFinished, RunStarted, RunStopped, Step
 from engine.runs import list_runs, load_run_config, read_events, read_summary
 from engine.sinks import ListSink
+from engine.training import cpu_dropout
 from tests.conftest import ROOT
 from tui.history import RunHistory
 
@@ -55,7 +56,9 @@ def test_an_old_run_is_listed_and_replayed(tmp_path: Path) -> None:
     assert history.freeze_map is not None and history.freeze_map["trainable_params"] > 0
 
 
-def test_an_old_stopped_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+def test_an_old_stopped_run_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_dir = relocated_fixture(tmp_path / "old")
     sink = ListSink()
     resumed = resume_training(run_dir, sink)
@@ -76,10 +79,13 @@ def test_an_old_stopped_run_resumes_to_the_uninterrupted_result(tmp_path: Path) 
         3,
         6,
     )
+    assert summary["cpu_dropout"] == "torch"  # the masks it began with, not BitDropout's
 
     # the fixture's small instruction set repeats some rows in validation: the data gate of a fresh run (newer than
     # the run) refuses that unless allowed; the resumed run warns instead
+    # the old version drew torch's dropout masks from the first step
     fresh = load_run_config(run_dir, ["data.max_leak=1.0"])
+    monkeypatch.setattr(cpu_dropout, "use_bit_dropout", lambda model: 0)
     uninterrupted = run_training(fresh, ListSink(), output_dir=tmp_path / "fresh")
     assert uninterrupted.status == "finished"
     assert resumed.summary["validation"]["loss"] == pytest.approx(uninterrupted.summary["validation"]["loss"], rel=1e-6)

@@ -290,6 +290,7 @@ def test_kill_9_sigint_and_sigterm_at_random_moments_then_resume_ends_like_an_un
     assert rest[-1]["type"] == "run_finished"
     assert resumed_from[0] in (0, 2, 4) and resumed_from == sorted(resumed_from) and resumed_from[3] >= 14
     assert_same_metrics(read_summary(run_dir), expected)
+    assert read_summary(run_dir)["cpu_dropout"] == "bits"  # every resume kept the masks the run began with
     assert_readable(run_dir)
     assert len(complete_checkpoints(run_dir)) == 2
     assert [event.type for event in read_events(run_dir)].count("run_started") == 5

@@ -5,8 +5,8 @@ for LoRA r=64 with dropout 0.1 on SmolLM2-135M it is 8 % of a training step (the
 bench/CAUSAL.md), as much as the attention. `BitDropout` draws 64 random bits at a time from the same torch
 generator and keeps an element when its 32-bit share is at or above `p * 2**32`, then scales by `1 / (1 - p)`: the
 keep probability is `1 - p` to within 2**-32 (finer than `torch.rand`'s float32). Checkpoints hold the generator's
-state as before, so a resumed run draws the same masks as an uninterrupted one. On other devices and in evaluation
-it is `nn.Dropout`.
+state as before, so a resumed run draws the same masks as an uninterrupted one; a run begun with `nn.Dropout`
+masks resumes with them (`cpu_dropout` in summary.json). On other devices and in evaluation it is `nn.Dropout`.
 """
 
 from __future__ import annotations

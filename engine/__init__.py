@@ -8,5 +8,7 @@ import os
 if not os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
     os.environ.setdefault("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
 
-# bitsandbytes warns at import time on CPUs about an optional kernel package it cannot fetch offline.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# bitsandbytes tries at import time, on CPUs with AVX512-BF16, to fetch an optional kernel from the hub through
+# `kernels` (a transformers dependency since 5.25); both warn when it cannot, offline or untrusted.
+for _library in ("bitsandbytes", "kernels"):
+    logging.getLogger(_library).setLevel(logging.ERROR)

@@ -10,7 +10,6 @@ on a CPU it saves memory but not time.
 from __future__ import annotations
 
 import importlib.util
-import logging
 from typing import Any, ClassVar
 
 import torch
@@ -31,8 +30,6 @@ def require_bitsandbytes(*, on_cuda: bool) -> None:
     """Raise StrategyError unless bitsandbytes imports and supports the device the model will train on."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise StrategyError("strategy.kind: qlora needs bitsandbytes (pip install bitsandbytes) or use lora")
-    # bitsandbytes logs a warning per import on CPUs without its optional kernels, and per matmul in some modes.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except Exception as exc:

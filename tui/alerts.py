@@ -5,7 +5,8 @@ from __future__ import annotations
 from textual.app import App
 
 from engine.notify import end_message, terminal_alert
-from tui.history import TERMINAL, RunHistory
+from engine.runs import TERMINAL_STATUSES
+from tui.history import RunHistory
 
 
 def ring(app: App, message: str) -> None:
@@ -17,7 +18,7 @@ def ring(app: App, message: str) -> None:
 
 def announce_end(app: App, history: RunHistory) -> None:
     """Ring for a run that ended (finished, stopped, failed), with its name and result or error."""
-    if history.status in TERMINAL:
+    if history.status in TERMINAL_STATUSES:
         summary = {
             "run_dir": history.run_dir or history.label,
             "status": history.status,

@@ -29,10 +29,7 @@ from engine.events import (
 )
 from engine.generation_metrics import COST_KEY, METRIC_PREFIX
 
-TERMINAL = ("finished", "stopped", "failed")
 MAX_LOG_LINES = 2000
-# metric -> True when larger is better (used to pick a run's best validation value)
-METRIC_DIRECTION = {"accuracy": True, "f1": True, "loss": False, "perplexity": False}
 
 
 @dataclass
@@ -172,11 +169,3 @@ def best_metric(summary: dict[str, Any] | None) -> tuple[str, float] | None:
         if name in metrics:
             return name, float(metrics[name])
     return None
-
-
-def format_params(count: int) -> str:
-    """1234567 -> 1.23 M (compact, for narrow columns)."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if count >= size:
-            return f"{count / size:.3g} {unit}"
-    return str(count)

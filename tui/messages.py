@@ -15,6 +15,8 @@ from textual.message import Message
 from engine.runs import RunInfo
 
 if TYPE_CHECKING:
+    from rich.text import Text
+
     from tui.sink import MessageSink
 
 
@@ -77,6 +79,23 @@ class PreviewReady(Message):
         super().__init__()
         self.source, self.columns, self.num_rows = source, columns or [], num_rows
         self.rows, self.error = rows or [], error
+
+
+class DataReportComputed(Message):
+    """The data-report worker's report (or the one-line error) for the setup `key`."""
+
+    def __init__(self, key: str, report: Any = None, error: str | None = None) -> None:
+        super().__init__()
+        self.key, self.report, self.error = key, report, error
+
+
+class DataFindings(Message):
+    """The data report's findings as text by the config key they concern ({} when there is no report); what `run`
+    would refuse is marked so."""
+
+    def __init__(self, findings: dict[str, Text]) -> None:
+        super().__init__()
+        self.findings = findings
 
 
 class FreezeMapComputed(Message):

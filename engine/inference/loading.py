@@ -64,10 +64,6 @@ class LoadedRun:
     def task(self) -> str:
         return self.config.model.task
 
-    @property
-    def from_checkpoint(self) -> bool:
-        return self.source.name != MODEL_DIR
-
     @contextmanager
     def base_model(self) -> Iterator[torch.nn.Module]:
         """The model the run started from, to answer beside the fine-tuned one. Adapter runs: the same model with

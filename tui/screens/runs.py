@@ -23,10 +23,10 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Label, Static
 
-from engine.runs import EventFollower, RunInfo, list_runs, read_summary, run_status
+from engine.runs import TERMINAL_STATUSES, EventFollower, RunInfo, list_runs, read_summary, run_status
 from engine.views import format_duration, one_line
 from tui.form import display_path, effective_value
-from tui.history import TERMINAL, RunHistory, best_metric
+from tui.history import RunHistory, best_metric
 from tui.messages import RunsListed
 from tui.screens.base import MainScreen
 from tui.screens.diff import DiffScreen
@@ -272,10 +272,10 @@ class FollowedRun:
         events = self.follower.poll()
         for event in events:
             self.history.apply(event)
-        if self.history.status not in TERMINAL and not events:
+        if self.history.status not in TERMINAL_STATUSES and not events:
             summary = read_summary(self.path)
             status = run_status(self.path, summary)
-            if status in TERMINAL:
+            if status in TERMINAL_STATUSES:
                 self.history.status = status
                 self.history.summary = self.history.summary or summary
             elif status == "interrupted" or self.history.status == "interrupted":

@@ -32,7 +32,7 @@ from tui.form import (
     with_value,
 )
 from tui.heavy import load_engine
-from tui.messages import PreviewReady
+from tui.messages import DataFindings, PreviewReady
 from tui.screens.base import SetupScreenBase
 from tui.screens.dialogs import FilePickerScreen
 from tui.widgets.data_report import DataReportView
@@ -234,7 +234,7 @@ class SetupScreen(SetupScreenBase):
         self._maybe_preview(force=True)
         self.query_one(DataReportView).request(self.finetui.setup_data, force=True, pause=False)
 
-    def on_data_report_view_findings(self, message: DataReportView.Findings) -> None:
+    def on_data_findings(self, message: DataFindings) -> None:
         """Each finding of the data report beside the field it concerns."""
         for field in FIELDS:
             shown = message.findings.get(field.key, "")

@@ -5,7 +5,7 @@ typing), for local files only; a hub dataset is read when Enter is pressed in th
 It shows the rows per split, the label bars with the majority-class baseline, the length histogram with the
 `max_length` marker, the rows left out (their reasons a key away: Enter on the collapsed line) and, for causal
 data, one example with the tokens that carry the loss highlighted. What it finds goes up to the screen as a
-`Findings` message, which puts each finding beside the field it concerns.
+`DataFindings` message, which puts each finding beside the field it concerns.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.message import Message
 from textual.timer import Timer
 from textual.widgets import Collapsible, Label, Static
 
 from tui.form import FIELDS_BY_KEY, MISSING, effective_value, get_value, with_value
 from tui.heavy import load_engine
+from tui.messages import DataFindings, DataReportComputed
 
 # the inputs of `engine.data_report.build_report`: a change to any of them means a new report
 REPORT_KEYS = ("model.id", "model.task", "model.revision", "model.trust_remote_code", "data", "train.seed")
@@ -72,21 +72,6 @@ class DataReportView(Vertical):
         display: none;
     }
     """
-
-    class Findings(Message):
-        """The report's findings as text by the config key they concern ({} when there is no report); what
-        `run` would refuse is marked so."""
-
-        def __init__(self, findings: dict[str, Text]) -> None:
-            super().__init__()
-            self.findings = findings
-
-    class Computed(Message):
-        """The worker's report (or the one-line error) for the setup `key`."""
-
-        def __init__(self, key: str, report: Any = None, error: str | None = None) -> None:
-            super().__init__()
-            self.key, self.report, self.error = key, report, error
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -138,7 +123,7 @@ class DataReportView(Vertical):
         self.query_one("#report-status", Label).update(status)
         for widget_id in ("#report-labels", "#report-lengths", "#report-dropped", "#report-example"):
             self.query_one(widget_id).add_class("-hidden")
-        self.post_message(self.Findings({}))
+        self.post_message(DataFindings({}))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="data-report", name="data report")
     def _compute(self, config: Any, key: str) -> None:
@@ -149,11 +134,11 @@ class DataReportView(Vertical):
         try:
             report = build_report(config)
         except ConfigError as exc:
-            self.post_message(self.Computed(key, error=str(exc)))
+            self.post_message(DataReportComputed(key, error=str(exc)))
             return
-        self.post_message(self.Computed(key, report))
+        self.post_message(DataReportComputed(key, report))
 
-    def on_data_report_view_computed(self, message: Computed) -> None:
+    def on_data_report_computed(self, message: DataReportComputed) -> None:
         if message.key != self.pending_key:
             return  # an older request
         if message.report is None:
@@ -203,7 +188,7 @@ class DataReportView(Vertical):
             if finding.blocking:
                 text.append("run refuses: ", style="bold red")
             text.append(finding.message)
-        self.post_message(self.Findings(findings))
+        self.post_message(DataFindings(findings))
 
 
 def _status(report: Any) -> Text:

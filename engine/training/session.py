@@ -35,8 +35,6 @@ from engine.data_report import check_data
 from engine.devices import resolve_device, resolve_precision, set_training_threads
 from engine.environment import record_environment
 from engine.events import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
     EXIT_OK,
     EXIT_STOPPED,
     FreezeMapReady,
@@ -46,6 +44,7 @@ from engine.events import (
     RunResult,
     RunStarted,
     RunStopped,
+    exit_code_of,
 )
 from engine.freeze_map import compute_freeze_map
 from engine.fsio import fsync_tree, replace_dir
@@ -472,7 +471,8 @@ class RunSession:
         )
         if step is not None:
             self.summary["steps"] = step
-        code = EXIT_BAD_INPUT if user_error else EXIT_FAILED
+        failed = RunFailed(error=message, user_error=user_error, step=step, reason=reason, checkpoint=kept)
+        code = exit_code_of(failed)
         if not self.main:  # rank > 0: its error goes to run.log; rank 0 records the run's end
             sys.stderr.write(f"rank {rank()}: {message}\n{traceback.format_exc()}")
             return RunResult("failed", self.run_dir, self.summary, code)
@@ -480,7 +480,7 @@ class RunSession:
             (self.run_dir / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         with contextlib.suppress(OSError):
             write_summary(self.run_dir, self.summary)
-        self.events.emit(RunFailed(error=message, user_error=user_error, step=step, reason=reason, checkpoint=kept))
+        self.events.emit(failed)
         return RunResult("failed", self.run_dir, self.summary, code)
 
     def _fault(self, exc: Exception, kept: str | None) -> tuple[str, str, int | None]:

@@ -374,6 +374,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             text = (input("you> ") if sys.stdin.isatty() else input()).strip()
         except EOFError:
+            if sys.stdin.isatty():
+                sys.stdout.write("\n")  # the shell's prompt starts on its own line
             return 0
         except KeyboardInterrupt:
             sys.stdout.write("\n")

@@ -8,6 +8,7 @@ an older one (`replace_dir`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -39,19 +40,27 @@ def publish_dir(target: Path, write: Callable[[Path], None]) -> None:
     """Write a folder under a temporary name, then rename it to `target`, so readers see all of it or nothing.
 
     When two processes build the same folder at once, the first rename wins and the other copy is discarded.
+    Parent folders it had to create are removed again when `write` fails.
     """
+    created = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        write(staging)
-        staging.chmod(0o755)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            staging.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            write(staging)
+            staging.chmod(0o755)
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        for folder in created:  # deepest first; a folder someone else filled meanwhile stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def fsync_dir(path: Path) -> None:

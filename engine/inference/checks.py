@@ -25,10 +25,12 @@ def run_model_source(run_dir: Path) -> tuple[Path, str | None]:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         status = (read_summary(run_dir) or {}).get("status", "unknown")
-        raise ConfigError(
-            f"{run_dir}: no model and no checkpoint to load (run status: {status}); "
-            f"continue it with finetui run --resume {run_dir}, or train a new run"
+        again = (
+            f"train it again with finetui rerun {run_dir}"
+            if status == "finished"
+            else f"continue it with finetui run --resume {run_dir}, or train a new run"
         )
+        raise ConfigError(f"{run_dir}: no model and no checkpoint to load (run status: {status}); {again}")
     note = (
         f"the run has no final model: using its last checkpoint, {checkpoint.name} (step {checkpoint_step(checkpoint)})"
     )

@@ -43,6 +43,10 @@ from engine.sinks import EventSink, ListSink
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"fp32": 1e-3, "bf16": 0.5, "fp16": 0.1}
 """The largest log-probability difference (nats) an export may show against the run's model, per export dtype."""
+QUANTISED_TOLERANCE = 1e-2
+"""For a QLoRA run's merged export, at least this: the run's own model computes through bitsandbytes' 4-bit
+kernels, whose arithmetic differs from a plain matmul over the same de-quantised weights (1.3e-3 nats measured on
+tiny-llama, where the merge itself moved them by 5e-7)."""
 CHECK_PROMPTS = 4
 CHECK_NEW_TOKENS = 24
 FALLBACK_PROMPTS = ("Hello!", "Write a short sentence about the sea.", "What is 2 + 2?", "Name three colours.")
@@ -79,7 +83,7 @@ class ExportMismatch(Exception):
         super().__init__(
             f"the exported model gives {answers} on {result.prompts} fixed prompts, with log-probabilities up to "
             f"{result.max_logprob_diff:.3g} apart (tolerance {result.tolerance:g} for {result.dtype}); nothing was "
-            "written to --out (try --dtype fp32)"
+            "written to --out" + ("" if result.dtype == "fp32" else " (try --dtype fp32)")
         )
         self.result = result
 
@@ -190,7 +194,8 @@ def _write_model(loaded: LoadedRun, folder: Path, dtype: str, adapter_only: bool
     if adapter_only:
         progress("merge", "adapter only: nothing to merge")
         progress("save", "writing the adapter and the tokenizer")
-        loaded.model.save_pretrained(str(folder))  # type: ignore[operator]
+        # finetui never resizes the vocabulary: no hub lookup of the base's config to find out whether it did
+        loaded.model.save_pretrained(str(folder), save_embedding_layers=False)  # type: ignore[operator]
         loaded.strategy.name_base(folder, portable_id(loaded.config.model))
         loaded.tokenizer.save_pretrained(str(folder))
         return False
@@ -235,6 +240,12 @@ def _reloaded(loaded: LoadedRun, folder: Path, dtype: str, adapter_only: bool) -
     return model.eval(), tokenizer
 
 
+def _tolerance(loaded: LoadedRun, dtype: str, adapter_only: bool) -> float:
+    if loaded.config.strategy.kind == "qlora" and not adapter_only:
+        return max(TOLERANCE[dtype], QUANTISED_TOLERANCE)
+    return TOLERANCE[dtype]
+
+
 def _check(
     loaded: LoadedRun, folder: Path, probe: _Probe, dtype: str, adapter_only: bool, merged: bool, out: Path
 ) -> ExportResult:
@@ -250,7 +261,7 @@ def _check(
         out=str(out),
         same_greedy=answers == probe.answers,
         max_logprob_diff=difference,
-        tolerance=TOLERANCE[dtype],
+        tolerance=_tolerance(loaded, dtype, adapter_only),
         prompts=len(probe.rows),
         dtype="adapter" if adapter_only else dtype,
         merged=merged,

@@ -10,7 +10,6 @@ runs here.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,8 +30,6 @@ from engine.runs import MODEL_DIR, load_run_config, read_summary
 from engine.sinks import ListSink
 from engine.strategies import Strategy, get_strategy
 from engine.views import format_bytes
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,8 +96,6 @@ def load_run(run_dir: Path, *, overrides: list[str] | None = None) -> LoadedRun:
     config = load_run_config(run_dir, overrides)
     summary = read_summary(run_dir) or {}
     source, note = run_model_source(run_dir)
-    if note:
-        logger.warning("%s: %s", run_dir.name, note)
     strategy = get_strategy(config.strategy, config.model.task)
     if not strategy.trains_with_trainer and source.name != MODEL_DIR:
         raise ConfigError(f"{run_dir}: the feature strategy keeps no checkpoint; its run did not finish")

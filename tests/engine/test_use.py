@@ -192,7 +192,7 @@ def test_a_merged_export_loads_with_plain_transformers_and_answers_as_the_adapte
     out = tmp_path / "export"
     result = export_run(runs[kind], out, sink=sink)
     assert (result.same_greedy, result.merged, result.published, result.dtype) == (True, True, True, "fp32")
-    assert result.max_logprob_diff <= 1e-3 == result.tolerance
+    assert result.max_logprob_diff <= result.tolerance == (1e-2 if kind == "qlora" else 1e-3)
     assert [event.stage for event in sink.events if isinstance(event, ExportProgress)] == list(export_lib.STAGES)
     files = sorted(path.name for path in out.iterdir())
     assert "model.safetensors" in files and not [name for name in files if name.endswith((".bin", ".pt", ".pth"))]
@@ -236,9 +236,9 @@ def test_an_adapter_only_export_and_a_failed_check_that_publishes_nothing(
     assert "library_name: peft" in (tmp_path / "adapter" / "README.md").read_text()
     monkeypatch.setitem(export_lib.TOLERANCE, "fp32", -1.0)  # any difference, even none, is then too much
     with pytest.raises(ExportMismatch, match="nothing was written to --out") as failed:
-        export_run(runs["lora"], tmp_path / "refused")
+        export_run(runs["lora"], tmp_path / "refused" / "nested" / "out")
     assert failed.value.result.same_greedy and not failed.value.result.published
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]  # no folder, no staging left
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]  # no folders, no staging left
 
 
 def test_exports_that_cannot_be_are_refused_before_loading(runs: dict[str, Path], tmp_path: Path) -> None:

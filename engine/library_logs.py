@@ -51,9 +51,9 @@ class _LogBridge(logging.Handler):
         level = "error" if record.levelno >= logging.ERROR else "warning"
         message = ANSI_ESCAPE.sub("", record.getMessage()).strip()
         if LOAD_REPORT in message:
+            if self.restoring_from:  # nothing is new: every weight comes from the checkpoint
+                return
             level, message = "info", summarise_load_report(message)
-            if self.restoring_from:
-                message += f" (their trained values come from {self.restoring_from})"
         self.sink.emit(Log(level=level, message=f"{record.name}: {message}"))
 
 

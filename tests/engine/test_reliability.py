@@ -137,6 +137,8 @@ def test_stopped_run_resumes_to_the_metrics_of_an_uninterrupted_run(
     assert min(losses) == stopped_at + 1
     assert all(losses[step] == pytest.approx(expected_losses[step], rel=1e-6) for step in losses)
     assert not (first.run_dir / "checkpoints" / ".staging").exists()
+    # the head was new when the run began, not when it resumed from its checkpoint
+    assert [log.message for log in sink.of_type(Log) if "new weights" in log.message] == []
 
     written = read_events(first.run_dir)
     starts = [event for event in written if isinstance(event, RunStarted)]

@@ -25,7 +25,7 @@ from engine.generation_metrics import METRICS
 from engine.inference import checks
 from engine.notify import alert_terminal, end_message
 from engine.parallel import LAUNCHED_ENV
-from engine.preflight import check_data_config, check_run_config
+from engine.preflight import check_data_config, check_model, check_run_config
 from engine.presets import bundled_presets, resolve_preset
 from engine.runs import CONFIG_FILE, check_resumable, load_run_config, override_resumed_config, read_summary
 from engine.sampling import GenerationSettings
@@ -173,9 +173,10 @@ def cmd_attach(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     if not args.preset and not args.model:
         raise ConfigError("inspect needs a preset or --model (e.g. finetui inspect --model builtin:minilm-l6)")
+    config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
+    check_model(config.model)
     from engine.inspect import inspect_config
 
-    config = load_config(resolve_preset(args.preset) if args.preset else None, _overrides(args))
     report = inspect_config(config)
     if args.json:
         _print_json(report)
@@ -209,6 +210,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Loss-based metrics of a run on a data file; with --generate, its generated answers scored."""
     if args.generate or args.metric or args.base:
         return _generate_eval(args)
+    checks.usable_run(Path(args.run_dir))
+    checks.check_data_file(args.data)
     from engine.inference.evaluate import evaluate_run
 
     metrics = evaluate_run(Path(args.run_dir), args.data, args.set)

@@ -41,7 +41,15 @@ from transformers import (
 
 from engine.config import ModelConfig
 from engine.fsio import publish_dir
-from engine.sources import BUILTIN_PREFIX, ModelError, ModelSource, hub_reachable, model_source, offline_hub_message
+from engine.sources import (
+    BUILTIN_PREFIX,
+    ModelError,
+    ModelSource,
+    check_not_encoder_decoder,
+    hub_reachable,
+    model_source,
+    offline_hub_message,
+)
 
 logger = logging.getLogger(__name__)
 NEW_WEIGHTS_ATTR = "finetui_new_weights"
@@ -256,11 +264,7 @@ def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
     source = resolve_model(cfg.id)
     with _load_errors(source, cfg.id):
         config = AutoConfig.from_pretrained(source.path, **_pretrained_kwargs(cfg, source))
-    if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(
-            f"model.id: {cfg.id} is an encoder-decoder model ({config.model_type}); finetui fine-tunes encoders "
-            "(BERT-like) and decoders (Llama-like): pick one of those"
-        )
+    check_not_encoder_decoder(cfg.id, config.to_dict())
     return config
 
 

@@ -11,7 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from engine.config import ConfigError, DataConfig, RunConfig
+from engine.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from engine.parallel import check_parallel_config
 from engine.runs import CONFIG_FILE
 from engine.sources import check_hub_model, decode_text, file_format, looks_like_data_path, model_source
@@ -82,8 +82,14 @@ def check_data_config(config: RunConfig) -> None:
             if not Path(source).expanduser().exists():
                 raise ConfigError(f"data.{role}: {source}: no such file; check the path")
             check_data_file(role, source, data)
-    if model_source(config.model.id).kind == "hub":
-        check_hub_model(config.model.id, config.model.revision)
+    check_model(config.model)
+
+
+def check_model(model: ModelConfig) -> None:
+    """The model id names something loadable: a builtin, a model folder or .gguf file, or a hub id that is
+    reachable or cached."""
+    if model_source(model.id).kind == "hub":
+        check_hub_model(model.id, model.revision)
 
 
 def check_run_config(config: RunConfig, output_dir: Path | None = None) -> None:

@@ -9,11 +9,13 @@ and decode sources by the very same rules when they load them.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from engine.config import ConfigError
 
@@ -50,6 +52,11 @@ def model_source(model_id: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"model.id: {model_id} holds no model (no config.json); point it at a model folder")
+        config: Any = None
+        with contextlib.suppress(ValueError):  # transformers reports a config.json it cannot read
+            config = json.loads((path / "config.json").read_text())
+        if isinstance(config, dict):
+            check_not_encoder_decoder(model_id, config)
         return ModelSource("local", str(path))
     if path.is_file():
         if path.suffix != ".gguf":
@@ -59,6 +66,15 @@ def model_source(model_id: str) -> ModelSource:
     if looks_like_path or not HUB_ID.fullmatch(model_id):
         raise ModelError(f"model.id: {model_id} does not exist; give a model folder, a .gguf file or a hub id")
     return ModelSource("hub", model_id)
+
+
+def check_not_encoder_decoder(model_id: str, config: dict[str, Any]) -> None:
+    """Refuse T5-like models: finetui's strategies and templates know encoders and decoders only."""
+    if config.get("is_encoder_decoder"):
+        raise ModelError(
+            f"model.id: {model_id} is an encoder-decoder model ({config.get('model_type')}); finetui fine-tunes "
+            "encoders (BERT-like) and decoders (Llama-like): pick one of those"
+        )
 
 
 def looks_like_data_path(source: str) -> bool:

@@ -58,6 +58,8 @@ def _write_files(work: Path) -> dict[str, Path]:
     files["leaky_validation"].write_text(json.dumps({"text": "s 3", "label": 1}) + "\n")
     files["bad_toml"].write_text('name = "x"\n[train]\nlr = = 3\n')
     (work / "no_model").mkdir()
+    (work / "t5").mkdir()
+    (work / "t5" / "config.json").write_text('{"model_type": "t5", "is_encoder_decoder": true}')
     (work / "a_file").write_text("x")
     fake = work / "fake_bnb" / "bitsandbytes"
     fake.mkdir(parents=True)
@@ -72,6 +74,11 @@ def _write_files(work: Path) -> dict[str, Path]:
     (finished / "config.toml").write_text('name = "done"\n')
     (finished / "summary.json").write_text('{"status": "finished"}\n')
     files["finished_run"] = finished
+    with_model = work / "runs" / "kept-20240101-000000"
+    (with_model / "model").mkdir(parents=True)
+    (with_model / "config.toml").write_text('name = "kept"\n')
+    (with_model / "summary.json").write_text('{"status": "finished"}\n')
+    files["run_with_model"] = with_model
     return files
 
 
@@ -199,6 +206,16 @@ def _model_and_folder_cases(work: Path, f: dict[str, Path], run: Any) -> dict[st
             "--resume cannot change train.lr (it must match the checkpoint)",
         ),
         "attach_not_a_run": Case(["attach", str(work)], "not a finetui run directory"),
+        "encoder_decoder_model": Case(
+            ["inspect", "--model", str(work / "t5")], "is an encoder-decoder model (t5); finetui fine-tunes encoders"
+        ),
+        "inspect_unknown_field": Case([*("inspect", *tiny[:2]), "--set", "train.lrr=1"], "train.lrr: unknown key"),
+        "eval_run_without_model": Case(
+            ["eval", str(f["finished_run"]), "--data", str(f["good"])], "no model and no checkpoint to load"
+        ),
+        "eval_missing_data_file": Case(
+            ["eval", str(f["run_with_model"]), "--data", str(work / "nope.jsonl")], "nope.jsonl: no such file"
+        ),
         # found when the model's config is read: no run directory either
         "hub_model_not_found_offline": Case(
             run("hub_model_not_found_offline", "--model", "nobody-xyz/no-such-model", train=f["good"]),
@@ -311,6 +328,7 @@ CASE_NAMES = [
     "model_path_missing", "model_file_not_gguf", "unwritable_output_dir", "output_dir_is_a_run",
     "unknown_file_format",
     "resume_finished_run", "resume_not_a_run", "resume_with_overrides", "attach_not_a_run",
+    "encoder_decoder_model", "inspect_unknown_field", "eval_run_without_model", "eval_missing_data_file",
     "hub_model_not_found_offline", "wrong_columns", "malformed_jsonl_line", "non_utf8_text",
     "invalid_unicode_escape", "labels_of_one_class", "validation_rows_in_train",
     "layers_more_than_blocks", "target_modules_not_in_model", "qlora_without_bitsandbytes",

@@ -21,7 +21,8 @@ import io
 import json
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import ClassLabel, Dataset
+from huggingface_hub import constants as hub_constants
 from transformers import (
     DataCollatorForSeq2Seq,
     DataCollatorWithFlattening,
@@ -42,7 +44,7 @@ from transformers import (
 from engine import cache as cache_lib
 from engine.config import DataConfig
 from engine.fsio import publish_dir
-from engine.sources import DataError, decode_text, file_format, is_hub_dataset, looks_like_data_path
+from engine.sources import DataError, decode_text, file_format, hub_reachable, is_hub_dataset, looks_like_data_path
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 INTEGER = re.compile(r"[+-]?\d+")
@@ -447,10 +449,34 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().split("\n")[0] or type(error).__name__
 
 
+@contextmanager
+def _offline_unless_hub_reachable() -> Iterator[None]:
+    """With the hub unreachable, datasets reads its cache at once instead of retrying every request for half a
+    minute (both libraries read their offline flag when they are called)."""
+    if hub_reachable():
+        yield
+        return
+    flags = (datasets.config, hub_constants)
+    saved = [module.HF_HUB_OFFLINE for module in flags]
+    for module in flags:
+        module.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for module, value in zip(flags, saved, strict=True):
+            module.HF_HUB_OFFLINE = value
+
+
 def _load_hub_split(dataset_id: str, config_name: str | None, split: str) -> Dataset:
     try:
-        loaded = datasets.load_dataset(dataset_id, config_name, split=split)
+        with _offline_unless_hub_reachable():
+            loaded = datasets.load_dataset(dataset_id, config_name, split=split)
     except Exception as exc:  # the hub raises many kinds: offline, not found, gated, unknown split or config
+        if not hub_reachable():
+            raise DataError(
+                f"{dataset_id}: the Hugging Face hub is not reachable (offline?) and this dataset is not in the local "
+                "cache; give a local data file"
+            ) from None
         raise DataError(
             f"{dataset_id}: cannot load this hub dataset ({_first_line(exc)}); check the id or give a local file"
         ) from None

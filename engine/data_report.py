@@ -46,6 +46,7 @@ from engine.data import (
     column_values,
     encode_data,
 )
+from engine.library_logs import quiet_library_output
 
 ROLES = ("train", "validation", "test")
 PERCENTILES = (50, 90, 95, 99)
@@ -190,7 +191,7 @@ def build_report(config: RunConfig) -> DataReport:
     The encoded rows come from (and go into) the run's tokenisation cache, so `finetui data` before `finetui run`
     tokenises once.
     """
-    datasets.disable_progress_bars()
+    quiet_library_output()
     task = models.resolve_task(config.model)
     tokenizer = models.load_tokenizer(config.model)
     encoded = encode_data(config.data, task=task, tokenizer=tokenizer, seed=config.train.seed, cache=True)

@@ -278,12 +278,12 @@ def test_unreachable_hub_dataset_is_one_line(monkeypatch: pytest.MonkeyPatch, mi
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError) as error:
         read_table("finetui-tests/no-such-dataset")
-    assert_one_line(error, "finetui-tests/no-such-dataset: cannot load this hub dataset")
+    assert_one_line(error, "finetui-tests/no-such-dataset: the Hugging Face hub is not reachable (offline?)")
     with pytest.raises(DataError) as in_prepare:
         prepare_data(
             DataConfig(train="finetui-tests/no-such-dataset", test="test"), task="causal", tokenizer=minilm, seed=0
         )
-    assert_one_line(in_prepare, "data.train: finetui-tests/no-such-dataset: cannot load")
+    assert_one_line(in_prepare, "data.train: finetui-tests/no-such-dataset: the Hugging Face hub is not reachable")
 
 
 # prepare_data: classification

@@ -195,21 +195,27 @@ def test_omp_num_threads_is_respected(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {key: value for key, value in os.environ.items() if key not in offline}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: like a machine without network
-    result = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "inspect", "--model", "nobody-xyz/no-such-model"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=600,
+    model = ["inspect", "--model", "nobody-xyz/no-such-model"]
+    data = ["data", "--model", "builtin:tiny-bert", "--set", "data.train=nobody-xyz/no-such-dataset"]
+    model_error, data_error = (
+        subprocess.run(
+            [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+        )
+        for args in (model, data)
     )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert model_error.returncode == 2
+    assert model_error.stderr.strip().splitlines() == [
         "finetui: error: model.id: nobody-xyz/no-such-model: the Hugging Face hub is not reachable (offline?) and "
         "this model is not in the local cache; give --model a local model folder (for inspect, a folder holding its "
         "config.json is enough)"
+    ]
+    assert data_error.returncode == 2
+    assert data_error.stderr.strip().splitlines() == [
+        "finetui: error: data.train: nobody-xyz/no-such-dataset: the Hugging Face hub is not reachable (offline?) and "
+        "this dataset is not in the local cache; give a local data file"
     ]
 
 

@@ -146,6 +146,13 @@ class PreparedData:
     from_cache: bool = False
 
 
+def longest_row(prepared: PreparedData) -> int:
+    """The most tokens in one row of the splits a run trains and evaluates on: what its batches pad to at most."""
+    splits = [prepared.train, prepared.validation, *([prepared.test] if prepared.test is not None else [])]
+    lengths = [pc.max(pc.list_value_length(split.data.column("input_ids"))).as_py() for split in splits]
+    return max((length for length in lengths if length is not None), default=0)
+
+
 @dataclass(frozen=True)
 class _LabelSpace:
     """The classes: their names, their count, and the map from label values to ids (None: the values are ids)."""

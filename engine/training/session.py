@@ -292,10 +292,12 @@ class RunSession:
         self, model: torch.nn.Module, prepared: data_lib.PreparedData, num_labels: Any, strategy: Strategy
     ) -> None:
         config = self.config
+        # batches are padded to their longest row; packed rows fill max_length
+        seq_len = config.data.max_length if config.data.packing else data_lib.longest_row(prepared)
         freeze_map = compute_freeze_map(
             model,
             batch_size=config.train.batch_size,
-            seq_len=config.data.max_length,
+            seq_len=seq_len,
             gradient_checkpointing=config.train.gradient_checkpointing,
             processes=world_size(),
             sharding=sharding(config),

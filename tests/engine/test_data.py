@@ -22,6 +22,7 @@ from engine.data import (
     ALPACA_PROMPT_WITH_INPUT,
     DataError,
     PreparedData,
+    longest_row,
     prepare_data,
     prepare_eval_split,
     prompt_token_ids,
@@ -308,6 +309,21 @@ def test_classification_string_labels_columns_and_dynamic_padding(tmp_path: Path
     assert batch["input_ids"].shape == (2, len(prepared.validation[1]["input_ids"]))
     assert batch["labels"].tolist() == [2, 0]
     assert batch["attention_mask"].sum(dim=1).tolist() == [len(prepared.validation[i]["input_ids"]) for i in (0, 1)]
+
+
+def test_longest_row_is_what_batches_pad_to_at_most(tmp_path: Path, minilm: Any) -> None:
+    """[CLS] + "word N" k times + [SEP] is 2k + 2 tokens; the longest row may be in any split."""
+    rows = [{"text": "word 1 " * (1 + index % 3), "label": index % 2} for index in range(20)]  # 4, 6, 8 tokens
+    files = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows),
+        "validation": write_jsonl(tmp_path / "valid.jsonl", [{"text": "word 2 " * 5, "label": 0}]),  # 12 tokens
+        "test": write_jsonl(tmp_path / "test.jsonl", [{"text": "word 3 " * 4, "label": 1}]),  # 10 tokens
+    }
+    for max_length, longest in ((64, 12), (9, 9)):
+        cfg = DataConfig(**files, max_length=max_length)
+        assert longest_row(prepare_data(cfg, task="classification", tokenizer=minilm, seed=0)) == longest
+    without_validation = DataConfig(train=files["train"], validation_fraction=0.2)
+    assert longest_row(prepare_data(without_validation, task="classification", tokenizer=minilm, seed=0)) == 8
 
 
 def test_integer_labels_0_to_k_minus_1_are_the_ids(tmp_path: Path, minilm: Any) -> None:

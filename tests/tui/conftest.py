@@ -111,6 +111,13 @@ def write_run(
     return run_dir
 
 
+def with_memory(run_dir: Path, estimated: int, measured: int) -> None:
+    """Add the memory record (`summary.json` `memory`) a finished run writes."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["memory"] = {"estimated": estimated, "measured": measured, "ratio": round(estimated / measured, 4)}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
 def step_events(losses: list[float], started: float) -> list[Step]:
     """One `step` event per loss, two seconds apart from `started`."""
     return [

@@ -3,7 +3,6 @@ alert when a run ends."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,19 +10,13 @@ import pytest
 
 from engine.events import FreezeMapReady
 from engine.notify import terminal_alert
-from tests.tui.conftest import append_events, make_app, screen_text, step_event, write_run
+from tests.tui.conftest import append_events, make_app, screen_text, step_event, with_memory, write_run
 from tui import alerts
 from tui.history import RunHistory
 from tui.screens.diff import DiffScreen
 from tui.screens.runs import RunsScreen
 
 MIB = 2**20
-
-
-def with_memory(run_dir: Path, estimated: int, measured: int) -> None:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary["memory"] = {"estimated": estimated, "measured": measured, "ratio": round(estimated / measured, 4)}
-    (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
 async def test_runs_screen_shows_the_memory_ratio_and_diffs_two_marked_runs(tmp_path: Path) -> None:

@@ -12,7 +12,16 @@ from textual.widgets import DataTable
 
 from engine.events import RunFinished, RunStopped, Step
 from engine.runs import read_events, write_pid
-from tests.tui.conftest import FIXED_TIME, append_events, make_app, screen_text, step_event, wait_for, write_run
+from tests.tui.conftest import (
+    FIXED_TIME,
+    append_events,
+    make_app,
+    screen_text,
+    step_event,
+    wait_for,
+    with_memory,
+    write_run,
+)
 from tui.screens.runs import CompareScreen, RunDetailScreen, RunsScreen
 from tui.widgets.run_view import LossChart, RunView
 
@@ -42,7 +51,7 @@ async def test_runs_are_listed_newest_first_with_status_and_best_metric(tmp_path
         assert [run.name for run in screen.runs] == ["newer", "older"]
         table = screen.query_one("#runs-table", DataTable)
         assert [str(cell) for cell in table.get_row_at(0)][1:6] == [
-            "newer-20260528-202640", "finished", "lora", "tiny-bert", "accuracy 0.8000",
+            "newer-20260528-202640", "finished", "lora", "tiny-bert", "acc 0.8000",
         ]  # fmt: skip
         assert "05-28 20:26" in screen_text(app)
 
@@ -138,16 +147,17 @@ async def test_an_open_run_whose_process_died_shows_interrupted(tmp_path: Path) 
 
 
 async def test_the_runs_and_compare_tables_fit_80_columns(tmp_path: Path) -> None:
-    write_run(tmp_path, "a-run-with-a-rather-long-name", strategy="head", started=FIXED_TIME - 60)
+    long = write_run(tmp_path, "a-run-with-a-rather-long-name", strategy="head", started=FIXED_TIME - 60)
+    with_memory(long, 97 * 2**20, 100 * 2**20)
     write_run(tmp_path, "full", strategy="last_layers")
     app = make_app(runs_dir=tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
         await open_runs(app, pilot)
         header, *rows = screen_text(app).splitlines()[2:5]
-        assert header.split() == ["run", "status", "strategy", "model", "best"]  # `started`: the name ends with it
-        assert rows[0].split()[:2] == ["full-20260528-202640", "finished"]
-        assert rows[1].split()[0].startswith("a-run-with-a") and rows[1].split()[0].endswith("…")
-        assert rows[1].rstrip().endswith("accuracy 0.7500")
+        assert header.split() == ["run", "status", "strategy", "model", "best", "est/peak"]  # `started` is in names
+        assert rows[0].split()[:2] == ["full-2026…8-202640", "finished"]  # names are cut in the middle
+        assert rows[1].split()[0] == "a-run-wit…8-202640"
+        assert rows[1].rstrip().endswith("acc 0.7500  0.97x")
         await pilot.resize_terminal(120, 24)
         await pilot.pause()
         header, row = screen_text(app).splitlines()[2:4]

@@ -13,7 +13,7 @@ import pytest
 from textual.widgets import Input
 
 from tests.engine.test_old_runs import relocated_fixture
-from tests.tui.conftest import FIXED_TIME, make_app, quickstart, wait_for, write_run
+from tests.tui.conftest import FIXED_TIME, make_app, quickstart, wait_for, with_memory, write_run
 from tui.form import with_value
 from tui.screens.dialogs import ConfirmScreen
 from tui.widgets.data_report import DataReportView
@@ -35,13 +35,15 @@ async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def runs_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Three finished runs in ./runs of a scratch working directory (one with a long name, one with test
-    metrics)."""
+    metrics, two with a memory record)."""
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "runs"
-    write_run(runs, "sentiment-lora-r16-all-linear", strategy="lora", losses=[0.72, 0.6, 0.5, 0.46], accuracy=0.7,
-              started=FIXED_TIME - 1200)  # fmt: skip
-    write_run(runs, "head", strategy="head", losses=[0.71, 0.69, 0.68, 0.68, 0.67], accuracy=0.62,
-              started=FIXED_TIME - 600)  # fmt: skip
+    lora = write_run(runs, "sentiment-lora-r16-all-linear", strategy="lora", losses=[0.72, 0.6, 0.5, 0.46],
+                     accuracy=0.7, started=FIXED_TIME - 1200)  # fmt: skip
+    with_memory(lora, 624 * 2**20, 600 * 2**20)
+    head = write_run(runs, "head", strategy="head", losses=[0.71, 0.69, 0.68, 0.68, 0.67], accuracy=0.62,
+                     started=FIXED_TIME - 600)  # fmt: skip
+    with_memory(head, 582 * 2**20, 600 * 2**20)
     write_run(runs, "full", strategy="full", losses=[0.70, 0.61, 0.52, 0.44, 0.37, 0.31, 0.27, 0.25],
               test_accuracy=0.71)  # fmt: skip
     return runs

@@ -48,11 +48,12 @@ RUN_COLUMNS = (
     ("strategy", "strategy"),
     ("model", "model"),
     ("best", "best"),
-    ("mem est/peak", "memory"),
+    ("est/peak", "memory"),
     ("started", "started"),
 )
 COMPARE_COLUMNS = ("run", "strategy", "status", "steps", "best", "samples/s", "time")
 MIN_SHRUNK = 12
+METRIC_SHORT = {"accuracy": "acc", "perplexity": "ppl"}
 
 
 def memory_ratio_text(summary: dict[str, Any] | None) -> str:
@@ -63,11 +64,15 @@ def memory_ratio_text(summary: dict[str, Any] | None) -> str:
 
 def best_text(summary: dict[str, Any] | None) -> str:
     best = best_metric(summary)
-    return f"{best[0]} {best[1]:.4f}" if best else ""
+    return f"{METRIC_SHORT.get(best[0], best[0])} {best[1]:.4f}" if best else ""
 
 
 def ellipsize(text: str, width: int) -> str:
-    return text if cell_len(text) <= width else set_cell_size(text, width - 1) + "…"
+    """`text` cut in the middle to `width` cells: a run's name keeps its start and its timestamp."""
+    if cell_len(text) <= width:
+        return text
+    tail = (width - 1) // 2
+    return set_cell_size(text, width - 1 - tail) + "…" + text[len(text) - tail :]
 
 
 def fit_table(
@@ -79,8 +84,9 @@ def fit_table(
     shrink: Sequence[str] = (),
 ) -> None:
     """Fill `table` with `columns` ((label, key) pairs) and `rows` ((key, cells) pairs) so that it fits its width
-    without scrolling sideways: the `optional` columns are left out first, then the `shrink` columns' cells end
-    in … (down to `MIN_SHRUNK` cells). At 80 columns the runs table showed its last header as `s`."""
+    without scrolling sideways: the `shrink` columns' cells are cut in the middle (down to `MIN_SHRUNK` cells), and
+    the `optional` columns, in order, are left out where that is not enough. At 80 columns the runs table showed
+    its last header as `s`."""
     keys = [key for _, key in columns]
     widths = {
         key: max([cell_len(label)] + [cell_len(cells[index]) for _, cells in rows])
@@ -89,7 +95,7 @@ def fit_table(
     room = table.size.width - table.styles.scrollbar_size_vertical
     excess = sum(width + 2 for width in widths.values()) - room if table.size.width else 0  # 2: cell padding
     for key in optional:
-        if excess > 0:
+        if excess > sum(max(0, widths[name] - MIN_SHRUNK) for name in shrink):
             excess -= widths.pop(key) + 2
     for key in shrink:
         cut = max(0, min(excess, widths[key] - MIN_SHRUNK))
@@ -164,8 +170,8 @@ class RunsScreen(MainScreen):
         self._show_runs()
 
     def _show_runs(self) -> None:
-        """The runs in the table; where it is too narrow, without the memory ratio, then without `started` (the run's
-        name ends with its start time)."""
+        """The runs in the table; where it is too narrow, without `started` (the run's name ends with its start
+        time) and with names cut in the middle, then without the memory ratio."""
         session = self.finetui.session
         table = self.query_one("#runs-table", DataTable)
         keep = table.cursor_row
@@ -185,7 +191,7 @@ class RunsScreen(MainScreen):
             )
             for run in self.runs
         ]
-        fit_table(table, RUN_COLUMNS, rows, optional=("memory", "started"), shrink=("model", "run"))
+        fit_table(table, RUN_COLUMNS, rows, optional=("started", "memory"), shrink=("model", "run"))
         if self.runs:
             table.move_cursor(row=min(keep, len(self.runs) - 1), animate=False)
 

@@ -13,6 +13,7 @@ from engine.cli import main as cli_main
 from engine.config import build_config, load_config
 from engine.inspect import inspect_config
 from engine.views import format_bytes
+from tests.conftest import needs_shared
 from tests.tui.conftest import make_app, plain, quickstart, screen_text
 from tui.form import with_value
 from tui.screens.freeze_map import FreezeMapScreen, map_data
@@ -153,3 +154,17 @@ async def test_at_80x24_new_layers_say_so_and_the_memory_sum_shows_whole() -> No
             lines[lines.index(first) + 1].strip()
             == f"+ optimizer {memory['optimizer']} + activations {memory['activations']}"
         )
+
+
+@needs_shared
+async def test_a_7b_map_fits_80_columns_with_its_dtypes_whole(shared_configs: Path) -> None:
+    llama = str(shared_configs / "meta-llama__Llama-2-7b-hf")
+    setup = with_value(with_value(quickstart(), "model.id", llama), "model.task", "causal")
+    app = make_app(with_value(setup, "strategy.kind", "qlora"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_map(app, pilot)
+        assert screen.report is not None and len(screen.report["layers"]) == 35
+        lines = [line.rstrip() for line in screen_text(app).splitlines()]
+        assert "meta-llama__Llama-2-7b-hf · qlora · 35 groups · space toggles a row" in lines[2]  # one line
+        rows = [line.rstrip(" ▁▂▃▄▅▆▇█") for line in lines if line[4:].startswith("model.layers.")]  # no scrollbar
+        assert len(rows) >= 8 and all(row.endswith("131,072 (0%)  float32 nf4") for row in rows), rows

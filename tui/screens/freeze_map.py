@@ -8,6 +8,7 @@ length change. Toggling a row switches the setup to the `custom` strategy with e
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, ClassVar
 
 from textual import on, work
@@ -55,6 +56,11 @@ def map_data(data: dict[str, Any]) -> dict[str, Any]:
 
 def map_key(data: dict[str, Any]) -> str:
     return json.dumps(map_data(data), sort_keys=True, default=str)
+
+
+def model_name(model: str) -> str:
+    """A local model folder by its own name (its path is on the setup screen), so the title fits 80 columns."""
+    return os.path.basename(model.rstrip("/")) if os.path.isdir(model) else model
 
 
 class FreezeMapScreen(SetupScreenBase):
@@ -212,7 +218,7 @@ class FreezeMapScreen(SetupScreenBase):
         kind = report["strategy"]
         note = "  [dim](updating…)[/]" if pending else ""
         self.query_one("#fm-status", Label).update(
-            f"[b]{report['model']}[/] · {kind} · {len(report['layers'])} groups · space toggles a row{note}"
+            f"[b]{model_name(report['model'])}[/] · {kind} · {len(report['layers'])} groups · space toggles a row{note}"
         )
         self.query_one("#fm-totals", Static).update(
             f"[b]total[/] {format_count(report['total_params'])} parameters · [b $success]trainable[/] "

@@ -50,6 +50,12 @@ def group_label(row: dict[str, Any]) -> str:
     return row["name"] + (" (new)" if row.get("new") else "")
 
 
+def trainable_label(row: dict[str, Any]) -> str:
+    """The trainable count, with its share of the group where only part of it trains."""
+    partial = 0 < row["trainable"] != row["total"]
+    return format_count(row["trainable"]) + (f" ({row['trainable'] / row['total']:.0%})" if partial else "")
+
+
 def dtype_label(row: dict[str, Any]) -> str:
     return f"{row['dtype']} {row['quantization']}" if row.get("quantization") else row["dtype"]
 
@@ -71,33 +77,33 @@ class FreezeMapTable(DataTable):
         self.add_column("trainable", key="trainable")
         self.add_column("dtype", key="dtype")
 
-    def bar_width(self) -> int:
-        longest = max((len(group_label(row)) for row in (self.report or {}).get("layers", [])), default=10)
-        spare = self.size.width - longest - 42
-        return max(self.BAR_MIN, min(self.BAR_MAX, spare))
+    def bar_width(self, rows: list[tuple[str, str, str, str]]) -> int:
+        """What is left of the table's width for the bar, given each row's name, params, trainable and dtype cells."""
+        others = sum(max((len(cells[index]) for cells in rows), default=10) for index in range(4))
+        padding = 2 * len(self.columns) + 1 + self.styles.scrollbar_size_vertical  # 1: the mark column
+        return max(self.BAR_MIN, min(self.BAR_MAX, self.size.width - others - padding))
 
     def show(self, report: dict[str, Any]) -> None:
         keep = self.cursor_row
         self.report = report
         layers = report["layers"]
         largest = max((row["total"] for row in layers), default=0)
-        width = self.bar_width()
+        cells = [
+            (group_label(row), format_count(row["total"]), trainable_label(row), dtype_label(row)) for row in layers
+        ]
+        width = self.bar_width(cells)
         self.clear()
         self.columns["bar"].width = width
         self.columns["bar"].auto_width = False
-        for row in layers:
+        for row, (name, total, trainable, dtype) in zip(layers, cells, strict=True):
             trains = row["trainable"] > 0
-            mark = Text("●", style=TRAINABLE_STYLE) if trains else Text("○", style=FROZEN_STYLE)
-            name = Text(group_label(row), style="bold" if trains else "")
-            partial = trains and row["trainable"] != row["total"]
-            share = f" ({row['trainable'] / row['total']:.0%})" if partial else ""
             self.add_row(
-                mark,
-                name,
+                Text("●", style=TRAINABLE_STYLE) if trains else Text("○", style=FROZEN_STYLE),
+                Text(name, style="bold" if trains else ""),
                 bar(row["total"], row["trainable"], largest, width),
-                Text(format_count(row["total"]), justify="right"),
-                Text(format_count(row["trainable"]) + share, justify="right"),
-                dtype_label(row),
+                Text(total, justify="right"),
+                Text(trainable, justify="right"),
+                dtype,
                 key=row["name"],
             )
         if layers:

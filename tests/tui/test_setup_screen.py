@@ -100,6 +100,25 @@ async def test_file_picker_sets_the_data_path(tmp_path: Path) -> None:
         assert app.setup_data["data"]["text_field"] == "sentence"
 
 
+async def test_a_loaded_preset_replaces_the_preview_of_the_last_one() -> None:
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        screen = app.screen
+        assert "320 rows" in plain(screen.query_one("#preview-status", Label))
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        options = app.screen.query_one("#preset-list")
+        names = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        options.highlighted = next(i for i, name in enumerate(names) if name.endswith("distilbert-imdb-head.toml"))
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.setup_data["data"]["train"] == "imdb"  # a hub dataset: previewed on enter, not on load
+        assert plain(screen.query_one("#preview-status", Label)) == "enter in the train field previews imdb"
+        assert not screen.query_one("#preview-table", DataTable).display
+
+
 async def test_load_and_save_presets_never_overwriting_without_asking(tmp_path: Path) -> None:
     app = make_app(setup={})
     async with app.run_test(size=(100, 30)) as pilot:

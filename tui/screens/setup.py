@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -162,6 +163,7 @@ class SetupScreen(SetupScreenBase):
         """Show the app's setup in every field (without echoing change events back)."""
         data = self.finetui.setup_data
         self.stale = False
+        self._maybe_preview()
         with self.prevent(Input.Changed, Select.Changed):
             for field in FIELDS:
                 value = effective_value(data, field.key)
@@ -183,7 +185,6 @@ class SetupScreen(SetupScreenBase):
                 builtin.clear()
         self._refresh_visibility()
         self.show_errors()
-        self._maybe_preview()
         self.query_one(DataReportView).request(data)
 
     def _set_column_options(self, select: Select, current: str) -> None:
@@ -316,10 +317,12 @@ class SetupScreen(SetupScreenBase):
     # data preview
 
     def _maybe_preview(self, force: bool = False) -> None:
+        """Preview the train data when it is a local file, or on enter in its field (a hub dataset, a folder)."""
         source = str(effective_value(self.finetui.setup_data, "data.train") or "").strip()
-        if not source or (source == self._preview_source and not force):
+        if source and source == self._preview_source and not force:
             return
-        if not force and not Path(source).expanduser().is_file():
+        if not source or not (force or Path(source).expanduser().is_file()):
+            self._clear_preview(f"enter in the train field previews {source}" if source else "")
             return
         self._preview_source = source
         self.query_one("#preview-status", Label).update(f"reading {source}…")
@@ -330,6 +333,15 @@ class SetupScreen(SetupScreenBase):
             effective_value(data, "data.header"),
             effective_value(data, "data.config_name"),
         )
+
+    def _clear_preview(self, status: str) -> None:
+        """No preview: the one shown was of other data (another preset's, a path being typed)."""
+        self._preview_source = None
+        self._columns = []
+        self.query_one("#preview-status", Label).update(escape(status))
+        table = self.query_one("#preview-table", DataTable)
+        table.clear(columns=True)
+        table.display = False
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="preview", name="data preview")
     def _read_preview(self, source: str, fmt: str, header: bool | None, config_name: str | None) -> None:

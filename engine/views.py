@@ -125,7 +125,7 @@ def freeze_map_table(freeze_map: dict[str, Any], *, max_rows: int = 40) -> Table
 
 def fold_blocks(layers: list[dict[str, Any]], *, at_least: int = 3) -> list[dict[str, Any]]:
     """Freeze-map rows with each run of `at_least` or more alike consecutive blocks (same counts, dtype and
-    quantization) as one row: `model.layers.0-31 ×32` with the run's summed counts."""
+    quantization) as one row: `model.layers.0-31 ×32` with the run's summed counts and its `groups`' names."""
 
     def alike(row: dict[str, Any]) -> tuple[Any, ...] | None:
         if row["kind"] != "block":
@@ -145,7 +145,7 @@ def fold_blocks(layers: list[dict[str, Any]], *, at_least: int = 3) -> list[dict
             first, last = run[0]["name"], run[-1]["name"].rpartition(".")[2]
             name = f"{first}-{last} ×{len(run)}"
             totals = {key: sum(row[key] for row in run) for key in ("total", "trainable")}
-            folded.append({**run[0], "name": name, **totals})
+            folded.append({**run[0], "name": name, **totals, "groups": [row["name"] for row in run]})
         start = end
     return folded
 

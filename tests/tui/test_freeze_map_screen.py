@@ -157,7 +157,7 @@ async def test_at_80x24_new_layers_say_so_and_the_memory_sum_shows_whole() -> No
 
 
 @needs_shared
-async def test_a_7b_map_fits_80_columns_with_its_dtypes_whole(shared_configs: Path) -> None:
+async def test_a_7b_map_folds_its_32_blocks_and_fits_80_columns(shared_configs: Path) -> None:
     llama = str(shared_configs / "meta-llama__Llama-2-7b-hf")
     setup = with_value(with_value(quickstart(), "model.id", llama), "model.task", "causal")
     app = make_app(with_value(setup, "strategy.kind", "qlora"))
@@ -165,6 +165,23 @@ async def test_a_7b_map_fits_80_columns_with_its_dtypes_whole(shared_configs: Pa
         screen = await open_map(app, pilot)
         assert screen.report is not None and len(screen.report["layers"]) == 35
         lines = [line.rstrip() for line in screen_text(app).splitlines()]
-        assert "meta-llama__Llama-2-7b-hf · qlora · 35 groups · space toggles a row" in lines[2]  # one line
-        rows = [line.rstrip(" ▁▂▃▄▅▆▇█") for line in lines if line[4:].startswith("model.layers.")]  # no scrollbar
-        assert len(rows) >= 8 and all(row.endswith("131,072 (0%)  float32 nf4") for row in rows), rows
+        assert lines[2] == " meta-llama__Llama-2-7b-hf · qlora · 35 groups · space toggles · f unfolds"  # one line
+        rows = [line for line in lines[4:] if line[4:].startswith(("model.", "lm_head"))]
+        assert [row[4:].split("  ")[0] for row in rows] == [
+            "model.embed_tokens", "model.layers.0-31 ×32", "model.norm", "lm_head",
+        ]  # fmt: skip
+        blocks = [row for row in screen.report["layers"] if row["name"].startswith("model.layers.")]
+        assert rows[1].endswith(f"{sum(row['total'] for row in blocks):,}  4,194,304 (0%)  float32 nf4")
+        await pilot.press("down", "space")  # a folded row toggles the groups it stands for: their adapters off
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert (app.setup_data["strategy"]["kind"], app.setup_data["strategy"]["trainable"]) == ("custom", [])
+        await pilot.press("space")  # and on again, whole
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.setup_data["strategy"]["trainable"] == [row["name"] for row in blocks]
+        await pilot.press("f")
+        await pilot.pause()
+        lines = [line.rstrip(" ▁▂▃▄▅▆▇█") for line in screen_text(app).splitlines()]  # no scrollbar
+        assert lines[2].endswith("35 groups · space toggles · f folds")
+        assert lines[5][4:].startswith("model.layers.0 ") and lines[5].endswith("float32")

@@ -68,6 +68,7 @@ class FreezeMapScreen(SetupScreenBase):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("space", "toggle", "Toggle row"),
         Binding("a", "all_trainable", "All"),
+        Binding("f", "fold", "Fold", show=False),
         Binding("shift+r", "recompute", "Recompute", show=False),
     ]
 
@@ -214,11 +215,13 @@ class FreezeMapScreen(SetupScreenBase):
 
     def show_report(self, report: dict[str, Any], *, pending: bool = False) -> None:
         self.report = report
-        self.query_one(FreezeMapTable).show(report)
-        kind = report["strategy"]
+        table = self.query_one(FreezeMapTable)
+        table.show(report)
+        fold = " · f unfolds" if table.folded() else " · f folds" if table.foldable() else ""
         note = "  [dim](updating…)[/]" if pending else ""
         self.query_one("#fm-status", Label).update(
-            f"[b]{model_name(report['model'])}[/] · {kind} · {len(report['layers'])} groups · space toggles a row{note}"
+            f"[b]{model_name(report['model'])}[/] · {report['strategy']} · {len(report['layers'])} groups · "
+            f"space toggles{fold}{note}"
         )
         self.query_one("#fm-totals", Static).update(
             f"[b]total[/] {format_count(report['total_params'])} parameters · [b $success]trainable[/] "
@@ -244,12 +247,15 @@ class FreezeMapScreen(SetupScreenBase):
         return [row["name"] for row in self.report["layers"] if row["trainable"] > 0]
 
     def action_toggle(self) -> None:
+        groups = self.query_one(FreezeMapTable).highlighted_groups()
+        if self.report is not None and groups:
+            self._set_custom(set(self._trainable_rows()) ^ set(groups))
+
+    def action_fold(self) -> None:
         table = self.query_one(FreezeMapTable)
-        group = table.highlighted_group()
-        if self.report is None or group is None:
-            return
-        chosen = set(self._trainable_rows()) ^ {group}
-        self._set_custom(chosen)
+        if self.report is not None and table.foldable():
+            table.fold = not table.folded()
+            self.show_report(self.report)
 
     def action_all_trainable(self) -> None:
         if self.report is not None:

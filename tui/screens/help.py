@@ -39,6 +39,7 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("space", "toggle the highlighted group: the setup becomes the `custom` strategy"),
             ("a", "every group trainable (custom)"),
+            ("f", "fold runs of alike blocks into one row (past 16 groups: folded), or unfold them"),
             ("shift+r", "compute the map again"),
             ("", "built from the config on the meta device (no weights): 70B maps in seconds"),
             ("", "totals and memory are those of `finetui inspect --json`"),

@@ -12,7 +12,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable
 
-from engine.views import format_count
+from engine.views import fold_blocks, format_count
 
 EIGHTHS = " ▏▎▍▌▋▊▉█"
 TRAINABLE_STYLE = "green3"
@@ -61,18 +61,26 @@ def dtype_label(row: dict[str, Any]) -> str:
 
 
 class FreezeMapTable(DataTable):
-    """Rows keyed by group name; `show(report)` redraws from an `inspect_config` report."""
+    """Rows keyed by group name; `show(report)` redraws from an `inspect_config` report. Runs of alike blocks fold
+    into one row (`model.layers.0-31 ×32`) where there are more than `FOLD_OVER` groups (more than an 80x24 screen
+    shows), unless `fold` says."""
 
-    BAR_MIN, BAR_MAX = 10, 60
+    BAR_MIN, BAR_MAX = 6, 60
+    FOLD_OVER = 16
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)
         self.report: dict[str, Any] | None = None
+        self.fold: bool | None = None  # None: fold where there are more than FOLD_OVER groups
+        self.shown: list[dict[str, Any]] = []  # as shown: groups, or folded runs of them
 
     def on_mount(self) -> None:
+        self.add_columns_for(bar_width=self.BAR_MIN)
+
+    def add_columns_for(self, bar_width: int) -> None:
         self.add_column("", key="mark", width=1)
         self.add_column("group", key="name")
-        self.add_column("parameters", key="bar")
+        self.add_column("size", key="bar", width=bar_width)
         self.add_column("params", key="total")
         self.add_column("trainable", key="trainable")
         self.add_column("dtype", key="dtype")
@@ -80,21 +88,21 @@ class FreezeMapTable(DataTable):
     def bar_width(self, rows: list[tuple[str, str, str, str]]) -> int:
         """What is left of the table's width for the bar, given each row's name, params, trainable and dtype cells."""
         others = sum(max((len(cells[index]) for cells in rows), default=10) for index in range(4))
-        padding = 2 * len(self.columns) + 1 + self.styles.scrollbar_size_vertical  # 1: the mark column
+        padding = 2 * 6 + 1 + self.styles.scrollbar_size_vertical  # six columns of 2 cells padding; the mark
         return max(self.BAR_MIN, min(self.BAR_MAX, self.size.width - others - padding))
 
     def show(self, report: dict[str, Any]) -> None:
         keep = self.cursor_row
         self.report = report
-        layers = report["layers"]
+        fold = len(report["layers"]) > self.FOLD_OVER if self.fold is None else self.fold
+        layers = self.shown = fold_blocks(report["layers"]) if fold else report["layers"]
         largest = max((row["total"] for row in layers), default=0)
         cells = [
             (group_label(row), format_count(row["total"]), trainable_label(row), dtype_label(row)) for row in layers
         ]
         width = self.bar_width(cells)
-        self.clear()
-        self.columns["bar"].width = width
-        self.columns["bar"].auto_width = False
+        self.clear(columns=True)  # columns sized to these rows, not to earlier ones (folded names are longer)
+        self.add_columns_for(bar_width=width)
         for row, (name, total, trainable, dtype) in zip(layers, cells, strict=True):
             trains = row["trainable"] > 0
             self.add_row(
@@ -113,7 +121,15 @@ class FreezeMapTable(DataTable):
         if self.report is not None:
             self.show(self.report)
 
-    def highlighted_group(self) -> str | None:
-        if self.report is None or not self.row_count:
-            return None
-        return self.report["layers"][self.cursor_row]["name"]
+    def highlighted_groups(self) -> list[str]:
+        """The groups of the highlighted row: one, or those a folded row stands for."""
+        if not self.row_count:
+            return []
+        row = self.shown[self.cursor_row]
+        return row.get("groups", [row["name"]])
+
+    def folded(self) -> bool:
+        return self.report is not None and len(self.shown) < len(self.report["layers"])
+
+    def foldable(self) -> bool:
+        return self.report is not None and len(fold_blocks(self.report["layers"])) < len(self.report["layers"])

@@ -170,4 +170,4 @@ async def test_the_runs_and_compare_tables_fit_80_columns(tmp_path: Path) -> Non
         lines = screen_text(app).splitlines()
         header = next(line for line in lines if line.split()[:1] == ["run"])
         assert header.split() == ["run", "strategy", "steps", "best", "samples/s", "time"]
-        assert lines[lines.index(header) + 1].split()[1:] == ["last_layers", "6", "accuracy", "0.7500", "20.0", "0:12"]
+        assert lines[lines.index(header) + 1].split()[1:] == ["last_layers", "6", "acc", "0.7500", "20.0", "0:12"]

@@ -82,11 +82,12 @@ def fit_table(
     *,
     optional: Sequence[str] = (),
     shrink: Sequence[str] = (),
+    spare: Sequence[str] = (),
 ) -> None:
     """Fill `table` with `columns` ((label, key) pairs) and `rows` ((key, cells) pairs) so that it fits its width
-    without scrolling sideways: the `shrink` columns' cells are cut in the middle (down to `MIN_SHRUNK` cells), and
-    the `optional` columns, in order, are left out where that is not enough. At 80 columns the runs table showed
-    its last header as `s`."""
+    without scrolling sideways: the `optional` columns are left out first, then the `shrink` columns' cells are cut
+    in the middle (down to `MIN_SHRUNK` cells), and the `spare` columns are left out only where that is not enough.
+    At 80 columns the runs table showed its last header as `s`."""
     keys = [key for _, key in columns]
     widths = {
         key: max([cell_len(label)] + [cell_len(cells[index]) for _, cells in rows])
@@ -95,6 +96,9 @@ def fit_table(
     room = table.size.width - table.styles.scrollbar_size_vertical
     excess = sum(width + 2 for width in widths.values()) - room if table.size.width else 0  # 2: cell padding
     for key in optional:
+        if excess > 0:
+            excess -= widths.pop(key) + 2
+    for key in spare:
         if excess > sum(max(0, widths[name] - MIN_SHRUNK) for name in shrink):
             excess -= widths.pop(key) + 2
     for key in shrink:
@@ -191,7 +195,7 @@ class RunsScreen(MainScreen):
             )
             for run in self.runs
         ]
-        fit_table(table, RUN_COLUMNS, rows, optional=("started", "memory"), shrink=("model", "run"))
+        fit_table(table, RUN_COLUMNS, rows, optional=("started",), shrink=("model", "run"), spare=("memory",))
         if self.runs:
             table.move_cursor(row=min(keep, len(self.runs) - 1), animate=False)
 

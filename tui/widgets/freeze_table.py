@@ -62,8 +62,8 @@ def dtype_label(row: dict[str, Any]) -> str:
 
 class FreezeMapTable(DataTable):
     """Rows keyed by group name; `show(report)` redraws from an `inspect_config` report. Runs of alike blocks fold
-    into one row (`model.layers.0-31 ×32`) where there are more than `FOLD_OVER` groups (more than an 80x24 screen
-    shows), unless `fold` says."""
+    into one row (`model.layers.0-31 ×32`) where there are more than `FOLD_OVER` groups (a 12-block BERT stays
+    whole, a 32-block 7B folds to 4 rows), unless `fold` says."""
 
     BAR_MIN, BAR_MAX = 6, 60
     FOLD_OVER = 16

@@ -217,7 +217,7 @@ class FreezeMapScreen(SetupScreenBase):
         self.report = report
         table = self.query_one(FreezeMapTable)
         table.show(report)
-        fold = " · f unfolds" if table.folded() else " · f folds" if table.foldable() else ""
+        fold = " · f unfolds" if table.folded() else " · f folds" if table.foldable else ""
         note = "  [dim](updating…)[/]" if pending else ""
         self.query_one("#fm-status", Label).update(
             f"[b]{model_name(report['model'])}[/] · {report['strategy']} · {len(report['layers'])} groups · "
@@ -253,7 +253,7 @@ class FreezeMapScreen(SetupScreenBase):
 
     def action_fold(self) -> None:
         table = self.query_one(FreezeMapTable)
-        if self.report is not None and table.foldable():
+        if self.report is not None and table.foldable:
             table.fold = not table.folded()
             self.show_report(self.report)
 

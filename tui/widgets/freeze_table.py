@@ -73,6 +73,7 @@ class FreezeMapTable(DataTable):
         self.report: dict[str, Any] | None = None
         self.fold: bool | None = None  # None: fold where there are more than FOLD_OVER groups
         self.shown: list[dict[str, Any]] = []  # as shown: groups, or folded runs of them
+        self.foldable = False  # the report has runs of alike blocks to fold
 
     def on_mount(self) -> None:
         self.add_columns_for(bar_width=self.BAR_MIN)
@@ -94,8 +95,10 @@ class FreezeMapTable(DataTable):
     def show(self, report: dict[str, Any]) -> None:
         keep = self.cursor_row
         self.report = report
+        folded = fold_blocks(report["layers"])
+        self.foldable = len(folded) < len(report["layers"])
         fold = len(report["layers"]) > self.FOLD_OVER if self.fold is None else self.fold
-        layers = self.shown = fold_blocks(report["layers"]) if fold else report["layers"]
+        layers = self.shown = folded if fold else report["layers"]
         largest = max((row["total"] for row in layers), default=0)
         cells = [
             (group_label(row), format_count(row["total"]), trainable_label(row), dtype_label(row)) for row in layers
@@ -130,6 +133,3 @@ class FreezeMapTable(DataTable):
 
     def folded(self) -> bool:
         return self.report is not None and len(self.shown) < len(self.report["layers"])
-
-    def foldable(self) -> bool:
-        return self.report is not None and len(fold_blocks(self.report["layers"])) < len(self.report["layers"])

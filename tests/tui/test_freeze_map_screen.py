@@ -17,7 +17,7 @@ from tests.conftest import needs_shared
 from tests.tui.conftest import make_app, plain, quickstart, screen_text
 from tui.form import with_value
 from tui.screens.freeze_map import FreezeMapScreen, map_data
-from tui.widgets.freeze_table import FreezeMapTable, bar
+from tui.widgets.freeze_table import FreezeMapTable, bar, dtype_label
 
 
 def cli_inspect(*args: str) -> dict:
@@ -176,6 +176,9 @@ async def test_a_7b_map_folds_its_32_blocks_and_fits_80_columns(shared_configs: 
         await app.workers.wait_for_complete()
         await pilot.pause()
         assert (app.setup_data["strategy"]["kind"], app.setup_data["strategy"]["trainable"]) == ("custom", [])
+        table = screen.query_one(FreezeMapTable)
+        shown = [line.rstrip() for line in screen_text(app).splitlines() if line[4:].startswith(("model.", "lm_head"))]
+        assert [line.endswith(dtype_label(row)) for line, row in zip(shown, table.shown, strict=True)] == [True] * 4
         await pilot.press("space")  # and on again, whole
         await app.workers.wait_for_complete()
         await pilot.pause()

@@ -17,6 +17,7 @@ from engine.views import fold_blocks, format_count
 EIGHTHS = " ▏▎▍▌▋▊▉█"
 TRAINABLE_STYLE = "green3"
 FROZEN_STYLE = "grey46"
+HEADERS = {"mark": "", "name": "group", "bar": "size", "total": "params", "trainable": "trainable", "dtype": "dtype"}
 
 
 def bar(total: int, trainable: int, largest: int, width: int) -> Text:
@@ -79,17 +80,16 @@ class FreezeMapTable(DataTable):
         self.add_columns_for(bar_width=self.BAR_MIN)
 
     def add_columns_for(self, bar_width: int) -> None:
-        self.add_column("", key="mark", width=1)
-        self.add_column("group", key="name")
-        self.add_column("size", key="bar", width=bar_width)
-        self.add_column("params", key="total")
-        self.add_column("trainable", key="trainable")
-        self.add_column("dtype", key="dtype")
+        widths = {"mark": 1, "bar": bar_width}
+        for key, label in HEADERS.items():
+            self.add_column(label, key=key, width=widths.get(key))
 
     def bar_width(self, rows: list[tuple[str, str, str, str]]) -> int:
-        """What is left of the table's width for the bar, given each row's name, params, trainable and dtype cells."""
-        others = sum(max((len(cells[index]) for cells in rows), default=10) for index in range(4))
-        padding = 2 * 6 + 1 + self.styles.scrollbar_size_vertical  # six columns of 2 cells padding; the mark
+        """What is left of the table's width for the bar, given each row's name, params, trainable and dtype cells
+        (a column is as wide as its header at least)."""
+        headers = [HEADERS[key] for key in ("name", "total", "trainable", "dtype")]
+        others = sum(max([len(header)] + [len(cells[index]) for cells in rows]) for index, header in enumerate(headers))
+        padding = 2 * len(HEADERS) + 1 + self.styles.scrollbar_size_vertical  # 2 cells a column; the mark
         return max(self.BAR_MIN, min(self.BAR_MAX, self.size.width - others - padding))
 
     def show(self, report: dict[str, Any]) -> None:

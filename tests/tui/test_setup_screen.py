@@ -115,7 +115,9 @@ async def test_a_loaded_preset_replaces_the_preview_of_the_last_one() -> None:
         await pilot.press("enter")
         await pilot.pause()
         assert app.setup_data["data"]["train"] == "imdb"  # a hub dataset: previewed on enter, not on load
-        assert plain(screen.query_one("#preview-status", Label)) == "enter in the train field previews imdb"
+        assert plain(screen.query_one("#preview-status", Label)) == ""
+        report = plain(screen.query_one("#report-status", Label))
+        assert report == "data report: press Enter in the train field to read imdb"  # the one hint
         assert not screen.query_one("#preview-table", DataTable).display
 
 

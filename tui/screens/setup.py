@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -322,7 +321,7 @@ class SetupScreen(SetupScreenBase):
         if source and source == self._preview_source and not force:
             return
         if not source or not (force or Path(source).expanduser().is_file()):
-            self._clear_preview(f"enter in the train field previews {source}" if source else "")
+            self._clear_preview()  # the data report line below says that enter reads it
             return
         self._preview_source = source
         self.query_one("#preview-status", Label).update(f"reading {source}…")
@@ -334,11 +333,11 @@ class SetupScreen(SetupScreenBase):
             effective_value(data, "data.config_name"),
         )
 
-    def _clear_preview(self, status: str) -> None:
+    def _clear_preview(self) -> None:
         """No preview: the one shown was of other data (another preset's, a path being typed)."""
         self._preview_source = None
         self._columns = []
-        self.query_one("#preview-status", Label).update(escape(status))
+        self.query_one("#preview-status", Label).update("")
         table = self.query_one("#preview-table", DataTable)
         table.clear(columns=True)
         table.display = False
